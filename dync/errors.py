@@ -1,0 +1,35 @@
+"""One error hierarchy for everything a user can get wrong.
+
+Every message is one sentence that names the file, stage, op or module at fault, says what went wrong, and
+ends with what to do about it. The CLI prints these without a traceback; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class DyncError(Exception):
+    """Base of every user-facing failure."""
+
+
+class ModelLoadError(DyncError):
+    """The model file cannot be read as a PyTorch model."""
+
+
+class CaptureError(DyncError):
+    """The model's forward cannot be captured as a graph (data-dependent control flow, bad input, ...)."""
+
+
+class PartitionError(DyncError):
+    """The captured graph cannot be split into per-exit stages."""
+
+
+class PackageError(DyncError):
+    """A package directory is missing, corrupt or of an unsupported format version."""
+
+
+class InputError(DyncError):
+    """Input data or run options do not match what the package expects."""
+
+
+class VerificationError(DyncError):
+    """The package's outputs disagree with the eager model."""

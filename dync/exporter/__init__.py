@@ -1,0 +1,143 @@
+"""Lower a multi-exit PyTorch model into a `.dync` package: load, capture, probe, partition, write."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from dync.errors import DyncError
+from dync.exporter.capture import capture
+from dync.exporter.loading import load_model
+from dync.exporter.partition import Stage, partition
+from dync.exporter.probe import Probe, probe_graph
+from dync.package import (
+    BATCH_DIM,
+    MANIFEST_FILE,
+    STAGES_DIR,
+    ExitSpec,
+    Manifest,
+    StageSpec,
+    TensorSpec,
+    write_manifest,
+)
+
+DEFAULT_INPUT_SHAPE = (16, 3, 32, 32)
+EXIT_CRITERION = "max_softmax"
+
+Progress = Callable[[str], None]
+
+
+def export(
+    model: torch.nn.Module | str | Path,
+    output: str | Path,
+    input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
+    exits: Sequence[int] | None = None,
+    name: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Export `model` (a module or a model file) to the package directory `output` and return its path."""
+    report = progress or (lambda message: None)
+    input_shape = _checked_shape(input_shape)
+    example = torch.randn(max(input_shape[0], 2), *input_shape[1:])
+    source = Path(model) if isinstance(model, (str, Path)) else None
+    if source is not None:
+        report(f"loading {source}")
+        model = load_model(source, example)
+    model.eval()
+    report("capturing the forward with torch.export")
+    captured = capture(model, example, exits)
+    report(f"probing {len(captured.model.graph.node)} nodes for batched tensors")
+    probe = probe_graph(captured.model, captured.input_name, tuple(input_shape[1:]))
+    report(f"partitioning into {len(captured.exit_names)} stage(s)")
+    stages = partition(captured.model, captured.exit_names, probe)
+    output = Path(output)
+    manifest = _manifest(
+        name or output.name.removesuffix(".dync"), captured.input_name, input_shape, stages, probe, source
+    )
+    _write_package(output, manifest, stages)
+    report(f"wrote {output}")
+    return output
+
+
+def _checked_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2 or any(d < 1 for d in shape):
+        raise DyncError(
+            f"input shape {'x'.join(map(str, shape))} must be a batch followed by the per-sample dims, "
+            "all positive, e.g. 16x3x32x32."
+        )
+    return shape
+
+
+def _manifest(
+    name: str,
+    input_name: str,
+    input_shape: tuple[int, ...],
+    stages: list[Stage],
+    probe: Probe,
+    source: Path | None,
+) -> Manifest:
+    cumulative = np.cumsum([s.macs for s in stages]).tolist()
+    written = [w for s in stages for w in s.writes]
+    return Manifest(
+        name=name,
+        inputs=[TensorSpec(input_name, "float32", [BATCH_DIM, *input_shape[1:]])],
+        state=[TensorSpec(w, str(probe.dtypes[w]), [BATCH_DIM, *probe.per_sample_shape(w)]) for w in written],
+        stages=[
+            StageSpec(
+                name=s.name,
+                onnx=f"{STAGES_DIR}/{s.name}.onnx",
+                reads=s.reads,
+                writes=s.writes,
+                exit=ExitSpec(output=s.exit_output, criterion=EXIT_CRITERION, macs=s.macs, cumulative_macs=c),
+                nodes=len(s.model.graph.node),
+                ops=_op_counts(s.model),
+            )
+            for s, c in zip(stages, cumulative)
+        ],
+        provenance=_provenance(source, input_shape, stages[0].model),
+    )
+
+
+def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = node.op_type if not node.domain else f"{node.domain}::{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _provenance(source: Path | None, input_shape: tuple[int, ...], model: onnx.ModelProto) -> dict:
+    from dync import __version__
+
+    return {
+        "source": str(source) if source else None,
+        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest() if source else None,
+        "example_input_shape": list(input_shape),
+        "dync": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_package(output: Path, manifest: Manifest, stages: list[Stage]) -> None:
+    """Replace `output` only if it is absent, empty or an earlier package, never an unrelated directory."""
+    if output.exists():
+        if not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_FILE).exists()):
+            raise DyncError(f"{output} exists and is not a dync package; choose another -o path or remove it.")
+        shutil.rmtree(output)
+    (output / STAGES_DIR).mkdir(parents=True)
+    for spec, stage in zip(manifest.stages, stages):
+        onnx.save_model(stage.model, output / spec.onnx)
+    write_manifest(output, manifest)

@@ -1,0 +1,85 @@
+"""Turn a model file into an `nn.Module` the capture step can export.
+
+Three formats arrive: a pickled module (`torch.save(model)`), TorchScript (`torch.jit.save`) and a
+`torch.export` program (`.pt2`). All three end as an eager-callable module so capture has one path.
+Loading a pickle runs code from the file: only load models you trust.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+
+from dync.errors import ModelLoadError
+
+
+def load_model(path: str | Path, example: torch.Tensor | None = None) -> torch.nn.Module:
+    """Load `path` in eval mode; `example` is needed only to convert TorchScript."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path} does not exist; pass the path of a model saved with torch.save(model).")
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(
+            f"{path} is not a PyTorch model file (not a torch.save / torch.jit.save / torch.export.save archive); "
+            "save the whole module with torch.save(model, path)."
+        )
+    kind = _archive_kind(path)
+    loader = {"pt2": _load_exported_program, "torchscript": _load_torchscript, "pickle": _load_pickle}[kind]
+    model = loader(path, example)
+    return model.eval() if hasattr(model, "eval") else model
+
+
+def _archive_kind(path: Path) -> str:
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if any(name.endswith("archive_format") or "/serialized_exported_program" in name for name in names):
+        return "pt2"
+    if any("/code/" in name for name in names) and any(name.endswith("constants.pkl") for name in names):
+        return "torchscript"
+    return "pickle"
+
+
+def _load_pickle(path: Path, example: torch.Tensor | None) -> torch.nn.Module:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"{path} pickles a model whose class cannot be imported ({exc}); "
+            "put the module that defines it on PYTHONPATH."
+        ) from exc
+    except Exception as exc:
+        raise ModelLoadError(f"{path} could not be unpickled ({exc}); re-save it with torch.save(model).") from exc
+    if isinstance(obj, dict):
+        raise ModelLoadError(
+            f"{path} holds a dict (a state_dict or checkpoint), not a model; build the module, load the weights "
+            "into it and save the module itself with torch.save(model, path)."
+        )
+    if not isinstance(obj, torch.nn.Module):
+        raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module; save the model itself.")
+    return obj
+
+
+def _load_torchscript(path: Path, example: torch.Tensor | None) -> torch.nn.Module:
+    """TorchScript is converted to a torch.export program so capture sees the same IR as for eager models."""
+    from torch._export.converter import TS2EPConverter
+
+    assert example is not None, "TorchScript conversion needs an example input"
+    scripted = torch.jit.load(str(path), map_location="cpu")
+    try:
+        program = TS2EPConverter(scripted, (example,)).convert()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path} is TorchScript that torch.export cannot convert ({type(exc).__name__}: {exc}); "
+            "save the eager module with torch.save(model) instead."
+        ) from exc
+    return program.module()
+
+
+def _load_exported_program(path: Path, example: torch.Tensor | None) -> torch.nn.Module:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a loadable torch.export program ({exc}); re-save it.") from exc
+    return program.module()

@@ -1,0 +1,159 @@
+"""Split a multi-exit graph into one static stage per exit.
+
+Invariants this pass keeps (and tests check):
+- every node of the graph runs in exactly one stage, the stage of the first exit that needs it, so a sample
+  that leaves at exit k never pays for a node only later exits need;
+- the only exception are batch-independent nodes (shape arithmetic, parameter-only computations), which are
+  recomputed in each stage that needs them instead of being carried, because compaction can only index
+  tensors that have a batch axis;
+- tensors crossing a stage boundary are batched; they become the carried state the runtime compacts;
+- stage outputs equal the full graph's tensors of the same name (nothing is rewritten, only cut).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from dync.errors import PartitionError
+from dync.exporter.macs import node_macs
+from dync.exporter.probe import Probe
+from dync.package import BATCH_DIM
+
+
+@dataclass
+class Stage:
+    """One exit's stage: the ONNX subgraph, the state it reads and writes, and its per-sample MACs."""
+
+    name: str
+    model: onnx.ModelProto
+    reads: list[str]
+    writes: list[str]
+    exit_output: str
+    owned: list[str]
+    replicated: list[str]
+    macs: int
+
+
+def partition(model: onnx.ModelProto, exit_names: list[str], probe: Probe) -> list[Stage]:
+    graph = gs.import_onnx(model)
+    _name_nodes(graph)
+    owner = _assign_owners(graph, exit_names)
+    members = [_stage_members(graph, owner, k, probe) for k in range(len(exit_names))]
+    reads = [stage_reads for _, stage_reads in members]
+    stages = []
+    for k, exit_name in enumerate(exit_names):
+        nodes, stage_reads = members[k]
+        owned = [n for n in nodes if owner[n.name] == k]
+        if not owned:
+            raise PartitionError(
+                f"exit {k} ('{exit_name}') needs no computation beyond exits 0..{k - 1}: its output is computed "
+                "before them; list exits in compute order with --exits."
+            )
+        later_reads = {name for later in reads[k + 1 :] for name in later}
+        produced = {t.name for n in owned for t in n.outputs}
+        writes = sorted(produced & later_reads)
+        stages.append(
+            Stage(
+                name=f"stage{k}",
+                model=_extract(graph, stage_reads, [exit_name, *[w for w in writes if w != exit_name]], probe),
+                reads=stage_reads,
+                writes=writes,
+                exit_output=exit_name,
+                owned=[n.name for n in owned],
+                replicated=[n.name for n in nodes if owner[n.name] != k],
+                macs=sum(node_macs(n, probe) for n in nodes),
+            )
+        )
+        _check_extracted(stages[-1], nodes)
+    return stages
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Stages are matched back to the full graph by node name, so every node needs a unique one."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op}_{index}"
+        seen.add(node.name)
+
+
+def _producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
+
+
+def _node_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """Inputs including tensors that control-flow subgraphs read from the enclosing scope."""
+    inputs = list(node.inputs)
+    for attr in node.attrs.values():
+        if isinstance(attr, gs.Graph):
+            inner = {t.name for n in attr.nodes for t in n.outputs} | {t.name for t in attr.inputs}
+            inputs += [t for n in attr.nodes for t in _node_inputs(n) if t.name not in inner]
+    return inputs
+
+
+def _assign_owners(graph: gs.Graph, exit_names: list[str]) -> dict[str, int]:
+    """Each node belongs to the first exit that needs it; later exits stop at nodes already owned."""
+    tensors = graph.tensors()
+    owner: dict[str, int] = {}
+    for k, exit_name in enumerate(exit_names):
+        stack = [_producer(tensors[exit_name])]
+        while stack:
+            node = stack.pop()
+            if node is None or node.name in owner:
+                continue
+            owner[node.name] = k
+            stack.extend(_producer(t) for t in _node_inputs(node))
+    return owner
+
+
+def _stage_members(
+    graph: gs.Graph, owner: dict[str, int], k: int, probe: Probe
+) -> tuple[list[gs.Node], list[str]]:
+    """The nodes stage k runs (its own plus recomputed batch-independent ones) and the state it reads."""
+    members = {n.name: n for n in graph.nodes if owner.get(n.name) == k}
+    reads: list[str] = []
+    pending = [t for n in members.values() for t in _node_inputs(n)]
+    while pending:
+        tensor = pending.pop()
+        producer = _producer(tensor)
+        if isinstance(tensor, gs.Constant) or (producer is not None and producer.name in members):
+            continue
+        if producer is None or tensor.name in probe.batched:
+            if tensor.name not in reads:
+                reads.append(tensor.name)
+            continue
+        members[producer.name] = producer
+        pending.extend(_node_inputs(producer))
+    graph_order = {n.name: i for i, n in enumerate(graph.nodes)}
+    return sorted(members.values(), key=lambda n: graph_order[n.name]), sorted(reads)
+
+
+def _extract(graph: gs.Graph, reads: list[str], outputs: list[str], probe: Probe) -> onnx.ModelProto:
+    """Cut the subgraph between `reads` and `outputs`, typed with a symbolic batch axis."""
+    sub = graph.copy()
+    tensors = sub.tensors()
+    for name in reads:
+        tensors[name].inputs.clear()
+    sub.inputs = [_typed(tensors[name], probe) for name in reads]
+    sub.outputs = [_typed(tensors[name], probe) for name in outputs]
+    sub.cleanup(remove_unused_graph_inputs=False).toposort()
+    return gs.export_onnx(sub)
+
+
+def _typed(tensor: gs.Tensor, probe: Probe) -> gs.Tensor:
+    if tensor.name not in probe.batched:
+        raise PartitionError(
+            f"tensor '{tensor.name}' crosses a stage boundary but has no batch axis; "
+            "dync can only carry per-sample tensors between exits."
+        )
+    tensor.dtype = probe.dtypes[tensor.name]
+    tensor.shape = [BATCH_DIM, *probe.per_sample_shape(tensor.name)]
+    return tensor
+
+
+def _check_extracted(stage: Stage, nodes: list[gs.Node]) -> None:
+    extracted = sorted(n.name for n in stage.model.graph.node)
+    assert extracted == sorted(n.name for n in nodes), f"{stage.name}: extraction kept other nodes than planned"

@@ -1,0 +1,69 @@
+"""Learn every intermediate tensor's shape, dtype, and whether it is batched, by running the graph.
+
+Static shape inference cannot always tell whether a tensor's first axis is the batch (a Reshape to
+`[-1, C]`, a Shape-derived constant). Running the full graph at two batch sizes answers it exactly: a tensor
+is batched when its first axis equals the batch in both runs. Only batched tensors may be carried between
+stages, because compaction indexes them by sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from polygraphy import constants
+from polygraphy.backend.onnx import modify_outputs
+
+PROBE_BATCHES = (2, 3)
+
+
+@dataclass
+class Probe:
+    """Per-tensor facts from running the graph; `shapes` are at batch PROBE_BATCHES[0]."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, np.dtype]
+    batched: set[str]
+
+    def per_sample_shape(self, name: str) -> list[int]:
+        assert name in self.batched, f"{name} is not batched"
+        return list(self.shapes[name][1:])
+
+
+def probe_graph(model: onnx.ModelProto, input_name: str, sample_shape: tuple[int, ...]) -> Probe:
+    """Run `model` with every tensor marked as an output, at two batch sizes."""
+    marked = modify_outputs(model, outputs=constants.MARK_ALL, copy=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(marked.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(0)
+    runs = []
+    for batch in PROBE_BATCHES:
+        x = rng.standard_normal((batch, *sample_shape)).astype(np.float32)
+        runs.append(dict(zip(names, session.run(names, {input_name: x}))))
+    first, second = runs
+    batched = {
+        name
+        for name in names
+        if _follows_batch(np.shape(first[name]), np.shape(second[name]))
+    }
+    batched.add(input_name)
+    shapes = {name: tuple(np.shape(value)) for name, value in first.items()}
+    shapes[input_name] = (PROBE_BATCHES[0], *sample_shape)
+    dtypes = {name: np.asarray(value).dtype for name, value in first.items()}
+    dtypes[input_name] = np.dtype(np.float32)
+    return Probe(shapes=shapes, dtypes=dtypes, batched=batched)
+
+
+def _follows_batch(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> bool:
+    b1, b2 = PROBE_BATCHES
+    return (
+        len(shape_a) >= 1
+        and len(shape_a) == len(shape_b)
+        and shape_a[0] == b1
+        and shape_b[0] == b2
+        and shape_a[1:] == shape_b[1:]
+    )

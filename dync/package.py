@@ -1,0 +1,157 @@
+"""The `.dync` package: a directory holding `manifest.json` and `stages/*.onnx`.
+
+The manifest is the contract between exporter, runtime and calibration. It is plain JSON so it can be read
+and diffed by hand; `load_manifest` validates it so a corrupt package fails with a message that names the
+file and the field instead of failing later inside a stage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dync.errors import PackageError
+
+FORMAT_NAME = "dync-package"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+STAGES_DIR = "stages"
+BATCH_DIM = "batch"
+
+
+@dataclass
+class TensorSpec:
+    """A tensor crossing the package boundary or a stage boundary; shape[0] is the symbolic batch."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass
+class ExitSpec:
+    """The exit a stage ends in: which output it is, how confident it must be, and what reaching it costs."""
+
+    output: str
+    criterion: str
+    macs: int
+    cumulative_macs: int
+    threshold: float | None = None
+
+
+@dataclass
+class StageSpec:
+    """One static ONNX subgraph of the program, with the state it reads and writes."""
+
+    name: str
+    onnx: str
+    reads: list[str]
+    writes: list[str]
+    exit: ExitSpec
+    nodes: int
+    ops: dict[str, int]
+
+
+@dataclass
+class Manifest:
+    """Everything about a package except the ONNX bytes."""
+
+    name: str
+    inputs: list[TensorSpec]
+    state: list[TensorSpec]
+    stages: list[StageSpec]
+    provenance: dict[str, Any]
+    custom_ops: list[dict[str, Any]] = field(default_factory=list)
+    verification: dict[str, Any] | None = None
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def exits(self) -> list[ExitSpec]:
+        return [stage.exit for stage in self.stages]
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """The stored thresholds of every exit but the last, or None when the package has none."""
+        values = [e.threshold for e in self.exits[:-1]]
+        return None if any(v is None for v in values) else [float(v) for v in values]
+
+    @property
+    def full_macs(self) -> int:
+        return self.exits[-1].cumulative_macs
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def write_manifest(package_dir: Path, manifest: Manifest) -> None:
+    path = Path(package_dir) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+
+
+def load_manifest(package_dir: str | Path) -> Manifest:
+    """Read and validate a package's manifest; every failure names the package and what to do."""
+    package_dir = Path(package_dir)
+    path = package_dir / MANIFEST_FILE
+    if not package_dir.is_dir():
+        raise PackageError(f"{package_dir} is not a dync package directory; create one with `dync export`.")
+    if not path.is_file():
+        raise PackageError(f"{package_dir} has no {MANIFEST_FILE}; re-export the package with `dync export`.")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{path} is not valid JSON ({exc}); re-export the package with `dync export`.") from exc
+    manifest = _manifest_from_json(raw, path)
+    _check_program(manifest, package_dir)
+    return manifest
+
+
+def _manifest_from_json(raw: Any, path: Path) -> Manifest:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise PackageError(f"{path} is not a dync manifest (no 'format': '{FORMAT_NAME}'); re-export it.")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PackageError(
+            f"{path} has format_version {version!r} but this dync reads version {FORMAT_VERSION}; "
+            "re-export the model with this dync or install the dync that wrote it."
+        )
+    try:
+        stages = [
+            StageSpec(**{**s, "exit": ExitSpec(**s["exit"])}) for s in raw["stages"]
+        ]
+        return Manifest(
+            name=raw["name"],
+            inputs=[TensorSpec(**t) for t in raw["inputs"]],
+            state=[TensorSpec(**t) for t in raw["state"]],
+            stages=stages,
+            provenance=raw["provenance"],
+            custom_ops=raw.get("custom_ops", []),
+            verification=raw.get("verification"),
+        )
+    except (KeyError, TypeError) as exc:
+        raise PackageError(f"{path} is missing or has a malformed field ({exc}); re-export the package.") from exc
+
+
+def _check_program(manifest: Manifest, package_dir: Path) -> None:
+    """Every stage file exists and every tensor a stage reads is a model input or written earlier."""
+    where = package_dir / MANIFEST_FILE
+    if not manifest.stages:
+        raise PackageError(f"{where} lists no stages; re-export the package.")
+    available = {t.name for t in manifest.inputs}
+    state_names = {t.name for t in manifest.state}
+    for stage in manifest.stages:
+        if not (package_dir / stage.onnx).is_file():
+            raise PackageError(f"{package_dir / stage.onnx} (stage '{stage.name}') is missing; re-export the package.")
+        missing = [name for name in stage.reads if name not in available]
+        if missing:
+            raise PackageError(
+                f"{where}: stage '{stage.name}' reads {missing} that no earlier stage writes; re-export the package."
+            )
+        undeclared = [name for name in stage.writes if name not in state_names]
+        if undeclared:
+            raise PackageError(f"{where}: stage '{stage.name}' writes undeclared state {undeclared}; re-export it.")
+        available.update(stage.writes)
+        if not 0 <= stage.exit.macs <= stage.exit.cumulative_macs:
+            raise PackageError(f"{where}: stage '{stage.name}' has inconsistent MAC counts; re-export the package.")

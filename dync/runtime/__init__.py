@@ -1,0 +1,1 @@
+"""Execute a package's program: stages on a backend, exits, and batch compaction between them."""

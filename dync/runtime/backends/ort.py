@@ -1,0 +1,79 @@
+"""onnxruntime CPU backend: one InferenceSession per stage, built once at load, with explicit options.
+
+Session options are explicit (threads, graph optimization level) so that `bench` compares dync and the
+static baseline under identical settings and can print them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from dync.errors import InputError
+from dync.package import Manifest, StageSpec
+
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """Session settings shared by every stage and by any baseline measured against them."""
+
+    threads: int = 0
+    optimization: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise InputError(
+                f"onnxruntime optimization level '{self.optimization}' is unknown; "
+                f"choose one of {sorted(OPTIMIZATION_LEVELS)}."
+            )
+        if self.threads < 0:
+            raise InputError(f"thread count {self.threads} must be >= 0 (0 means one per CPU core).")
+
+    @property
+    def intra_op_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+    def session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization]
+        return options
+
+    def describe(self) -> dict[str, Any]:
+        return {**asdict(self), "intra_op_threads": self.intra_op_threads, "provider": "CPUExecutionProvider"}
+
+
+def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings) -> ort.InferenceSession:
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, settings.session_options(), providers=["CPUExecutionProvider"])
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, package_dir: Path, manifest: Manifest, threads: int = 0, optimization: str = "all") -> None:
+        self.settings = OrtSettings(threads=threads, optimization=optimization)
+        self._sessions = {s.name: session_from_onnx(Path(package_dir) / s.onnx, self.settings) for s in manifest.stages}
+        self._outputs = {s.name: [s.exit.output, *[w for w in s.writes if w != s.exit.output]] for s in manifest.stages}
+
+    def run(self, stage: StageSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = self._outputs[stage.name]
+        return dict(zip(names, self._sessions[stage.name].run(names, feeds)))
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "onnxruntime": ort.__version__, **self.settings.describe()}

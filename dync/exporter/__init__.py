@@ -101,7 +101,7 @@ def _manifest(
                 nodes=len(s.model.graph.node),
                 ops=_op_counts(s.model),
             )
-            for s, c in zip(stages, cumulative)
+            for s, c in zip(stages, cumulative, strict=True)
         ],
         provenance=_provenance(source, input_shape, stages[0].model),
     )
@@ -138,6 +138,6 @@ def _write_package(output: Path, manifest: Manifest, stages: list[Stage]) -> Non
             raise DyncError(f"{output} exists and is not a dync package; choose another -o path or remove it.")
         shutil.rmtree(output)
     (output / STAGES_DIR).mkdir(parents=True)
-    for spec, stage in zip(manifest.stages, stages):
+    for spec, stage in zip(manifest.stages, stages, strict=True):
         onnx.save_model(stage.model, output / spec.onnx)
     write_manifest(output, manifest)

@@ -43,7 +43,7 @@ def probe_graph(model: onnx.ModelProto, input_name: str, sample_shape: tuple[int
     runs = []
     for batch in PROBE_BATCHES:
         x = rng.standard_normal((batch, *sample_shape)).astype(np.float32)
-        runs.append(dict(zip(names, session.run(names, {input_name: x}))))
+        runs.append(dict(zip(names, session.run(names, {input_name: x}), strict=True)))
     first, second = runs
     batched = {
         name

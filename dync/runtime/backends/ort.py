@@ -73,7 +73,7 @@ class OrtBackend:
 
     def run(self, stage: StageSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self._outputs[stage.name]
-        return dict(zip(names, self._sessions[stage.name].run(names, feeds)))
+        return dict(zip(names, self._sessions[stage.name].run(names, feeds), strict=True))
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "onnxruntime": ort.__version__, **self.settings.describe()}

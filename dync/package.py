@@ -56,13 +56,17 @@ class StageSpec:
 
 @dataclass
 class Manifest:
-    """Everything about a package except the ONNX bytes."""
+    """Everything about a package except the ONNX bytes.
+
+    `exit_selection` is the `--exits` choice (indices into the forward's outputs), None for all of them.
+    """
 
     name: str
     inputs: list[TensorSpec]
     state: list[TensorSpec]
     stages: list[StageSpec]
     provenance: dict[str, Any]
+    exit_selection: list[int] | None = None
     custom_ops: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] | None = None
     format: str = FORMAT_NAME
@@ -127,6 +131,7 @@ def _manifest_from_json(raw: Any, path: Path) -> Manifest:
             state=[TensorSpec(**t) for t in raw["state"]],
             stages=stages,
             provenance=raw["provenance"],
+            exit_selection=raw.get("exit_selection"),
             custom_ops=raw.get("custom_ops", []),
             verification=raw.get("verification"),
         )

@@ -62,6 +62,7 @@ def export(
     manifest = _manifest(
         name or output.name.removesuffix(".dync"), captured.input_name, input_shape, stages, probe, source
     )
+    manifest.exit_selection = list(exits) if exits is not None else None
     _write_package(output, manifest, stages)
     report(f"wrote {output}")
     return output

@@ -71,12 +71,19 @@ class Engine:
             exits[running[leave]] = k
             if leave.all():
                 break
-            keep = ~leave
-            running = running[keep]
-            state = {name: value[keep] if leave.any() else value for name, value in state.items()
-                     if name in self._live_after[k]}
+            state = {name: value for name, value in state.items() if name in self._live_after[k]}
+            if leave.any():
+                keep = ~leave
+                running = running[keep]
+                state = {name: value[keep] for name, value in state.items()}
         assert logits is not None and (exits >= 0).all()
         return RunResult(logits=logits, exit=exits)
+
+    def example_input(self, batch: int, seed: int = 0) -> np.ndarray:
+        """Standard-normal data of the package's input shape, for verification and benchmarks."""
+        spec = self.manifest.inputs[0]
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((batch, *spec.shape[1:])).astype(spec.dtype)
 
     def check_input(self, x: np.ndarray) -> None:
         spec = self.manifest.inputs[0]

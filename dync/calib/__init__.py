@@ -1,0 +1,1 @@
+"""Choosing exit thresholds (and, later, latency profiles and quantization scales) for a package."""

@@ -1,0 +1,178 @@
+"""The `dync` command line: export, inspect, run, verify, bench, demo.
+
+Every user-facing failure is a `DyncError` and is printed as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from dync.errors import DyncError, InputError
+
+
+class _Group(click.Group):
+    """Turns DyncError into a one-line message and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DyncError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+def _progress(message: str) -> None:
+    click.echo(f"dync: {message}", err=True)
+
+
+def _parse_shape(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(d) for d in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a shape like 16x3x32x32.") from None
+
+
+def _parse_floats(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of numbers like 0.9,0.8.") from None
+
+
+def _parse_ints(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of exit indices like 0,2,4.") from None
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path} is not a .npy array file ({exc}); save the batch with numpy.save.") from exc
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="dync")
+def main() -> None:
+    """dync: deploy dynamic (multi-exit) neural networks with real per-sample early exit."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Package directory to write.")
+@click.option("--input-shape", callback=_parse_shape, help="Example input shape, batch first (default 16x3x32x32).")
+@click.option("--exits", callback=_parse_ints, help="Forward outputs to use as exits, in compute order, e.g. 0,2,4.")
+@click.option("--name", help="Package name (default: the output directory's name).")
+def export(model: Path, output: Path, input_shape: tuple[int, ...] | None, exits: list[int] | None,
+           name: str | None) -> None:
+    """Export MODEL (torch.save'd module, TorchScript or .pt2) to a .dync package.
+
+    Loading a pickled module runs code from the file: only export models you trust.
+    """
+    from dync.exporter import DEFAULT_INPUT_SHAPE
+    from dync.exporter import export as run_export
+
+    run_export(model, output, input_shape or DEFAULT_INPUT_SHAPE, exits=exits, name=name, progress=_progress)
+    _print_summary(output)
+
+
+def _print_summary(package: Path) -> None:
+    from dync.package import load_manifest
+
+    manifest = load_manifest(package)
+    click.echo(f"{package}: {len(manifest.stages)} stage(s), full model {manifest.full_macs / 1e6:.2f} MMACs/sample")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def inspect(package: Path, as_json: bool) -> None:
+    """Show a package's stages, exits, costs and thresholds."""
+    from dync.describe import describe, format_description
+
+    description = describe(package)
+    click.echo(json.dumps(description, indent=2) if as_json else format_description(description))
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="A .npy batch, shaped like the package input.")
+@click.option("--thresholds", callback=_parse_floats, help="Exit thresholds t0,t1,... (default: the package's).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help=".npz file for logits and exit.")
+@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0: one per core).")
+def run(package: Path, input_path: Path, thresholds: list[float] | None, output: Path, threads: int) -> None:
+    """Run PACKAGE on a batch with per-sample early exit; write `logits` and `exit` to OUTPUT."""
+    import dync
+
+    engine = dync.load(package, threads=threads)
+    result = engine.run(_load_array(input_path), thresholds=thresholds)
+    np.savez(output, logits=result.logits, exit=result.exit)
+    counts = np.bincount(result.exit, minlength=engine.num_exits).tolist()
+    click.echo(f"wrote {output}: {len(result.exit)} samples, exit counts {counts}")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="The model the package came from.")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A .npy batch to check with (default: random normal data).")
+@click.option("--batch", default=8, show_default=True, help="Batch size of the random check data.")
+@click.option("--rtol", default=1e-4, show_default=True, help="Allowed error relative to the largest output.")
+@click.option("--atol", default=1e-5, show_default=True, help="Allowed absolute error.")
+def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol: float, atol: float) -> None:
+    """Check every exit path of PACKAGE against eager PyTorch; exit status 1 on mismatch."""
+    import dync
+    from dync.verify import verify as run_verify
+
+    x = _load_array(input_path) if input_path else None
+    record = run_verify(dync.load(package), model, x=x, batch=batch, rtol=rtol, atol=atol, progress=_progress)
+    click.echo(f"verified {package}: every exit path matches eager (worst abs error "
+               f"{max(*record.max_abs_error, record.mixed_max_abs_error):.3g})")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--batch", default=64, show_default=True, help="Batch size of random data (ignored with --input).")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A .npy batch to measure on (real data gives realistic exit shares).")
+@click.option("--thresholds", callback=_parse_floats,
+              help="Exit thresholds (default: the package's, else an even split of the data over the exits).")
+@click.option("--repeats", default=15, show_default=True, help="Timed rounds; medians are reported.")
+@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0: one per core).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[float] | None, repeats: int,
+          threads: int, as_json: bool) -> None:
+    """Measure PACKAGE against its static full model, side by side under the same session options."""
+    import dync
+    from dync.bench import bench as run_bench
+    from dync.bench import format_report
+
+    engine = dync.load(package, threads=threads)
+    x = _load_array(input_path) if input_path else engine.example_input(batch)
+    _progress(f"timing {repeats} interleaved rounds at batch {len(x)}")
+    report = run_bench(engine, x, thresholds=thresholds, repeats=repeats)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else format_report(report))
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Keep the exported package here.")
+def demo(output: Path | None) -> None:
+    """Export, verify and run the bundled multi-exit digits CNN, with accuracy and measured speedups."""
+    from dync.demo import run_demo
+
+    run_demo(output, echo=click.echo, progress=_progress)

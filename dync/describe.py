@@ -1,0 +1,73 @@
+"""What `dync inspect` shows: the program's stages, its exits with their costs, and the thresholds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dync.package import load_manifest
+
+
+def describe(package: str | Path) -> dict[str, Any]:
+    """A JSON-ready summary; `cumulative_flops` is multiply-accumulates per sample, the papers' convention."""
+    manifest = load_manifest(package)
+    full = manifest.full_macs
+    return {
+        "name": manifest.name,
+        "format_version": manifest.format_version,
+        "inputs": [vars(t) for t in manifest.inputs],
+        "stages": [
+            {
+                "name": s.name,
+                "onnx": s.onnx,
+                "reads": s.reads,
+                "writes": s.writes,
+                "nodes": s.nodes,
+                "ops": s.ops,
+                "macs": s.exit.macs,
+            }
+            for s in manifest.stages
+        ],
+        "exits": [
+            {
+                "index": k,
+                "stage": s.name,
+                "output": s.exit.output,
+                "criterion": s.exit.criterion,
+                "macs": s.exit.macs,
+                "cumulative_flops": s.exit.cumulative_macs,
+                "fraction_of_full": s.exit.cumulative_macs / full if full else 1.0,
+                "threshold": s.exit.threshold,
+            }
+            for k, s in enumerate(manifest.stages)
+        ],
+        "thresholds": manifest.thresholds,
+        "custom_ops": manifest.custom_ops,
+        "verification": manifest.verification,
+        "provenance": manifest.provenance,
+    }
+
+
+def format_description(description: dict[str, Any]) -> str:
+    inputs = ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in description["inputs"])
+    lines = [f"package {description['name']} (format {description['format_version']}), input {inputs}", ""]
+    lines += ["| exit | stage | nodes | MMACs | cumulative MMACs | of full | threshold | reads | writes |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for exit_, stage in zip(description["exits"], description["stages"], strict=True):
+        threshold = "-" if exit_["threshold"] is None else f"{exit_['threshold']:.4g}"
+        lines.append(
+            f"| {exit_['index']} | {stage['name']} | {stage['nodes']} | {exit_['macs'] / 1e6:.3f} | "
+            f"{exit_['cumulative_flops'] / 1e6:.3f} | {exit_['fraction_of_full']:.1%} | {threshold} | "
+            f"{len(stage['reads'])} | {len(stage['writes'])} |"
+        )
+    thresholds = description["thresholds"]
+    stored = thresholds if thresholds is not None else "none stored (every sample runs to the last exit)"
+    lines += ["", f"thresholds: {stored}"]
+    verification = description["verification"]
+    if verification:
+        status = "passed" if verification["passed"] else "FAILED"
+        lines.append(f"verification: {status} on {verification['checked']} "
+                     f"(max abs error per exit {[f'{e:.2g}' for e in verification['max_abs_error']]})")
+    else:
+        lines.append("verification: not run (dync verify PKG --model MODEL)")
+    return "\n".join(lines)

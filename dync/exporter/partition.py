@@ -119,7 +119,8 @@ def _stage_members(
     while pending:
         tensor = pending.pop()
         producer = _producer(tensor)
-        if isinstance(tensor, gs.Constant) or (producer is not None and producer.name in members):
+        omitted_optional = not tensor.name
+        if omitted_optional or isinstance(tensor, gs.Constant) or (producer is not None and producer.name in members):
             continue
         if producer is None or tensor.name in probe.batched:
             if tensor.name not in reads:

@@ -101,7 +101,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor, exits: Sequence[int] 
     exit_names = [f"exit{k}" for k in range(len(outputs))]
     wrapped = _SelectExits(model, exits).eval()
     try:
-        with _quiet():
+        with quiet_torch_onnx():
             program = torch.onnx.export(
                 wrapped,
                 (example,),
@@ -162,7 +162,7 @@ def _user_frame(text: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_torch_onnx():
     """torch.onnx prints progress and warnings of its own; dync reports its own steps."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level

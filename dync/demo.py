@@ -19,7 +19,7 @@ import numpy as np
 from dync.errors import DyncError
 
 EXAMPLE_FILE = Path(__file__).resolve().parents[1] / "examples" / "digits_multiexit.py"
-DEMO_THRESHOLDS = (None, 0.999, 0.99, 0.95, 0.9)
+DEMO_THRESHOLDS = (None, 0.99, 0.9, 0.7, 0.5)
 
 
 def load_example() -> ModuleType:

@@ -59,10 +59,8 @@ def export(
     report(f"partitioning into {len(captured.exit_names)} stage(s)")
     stages = partition(captured.model, captured.exit_names, probe)
     output = Path(output)
-    manifest = _manifest(
-        name or output.name.removesuffix(".dync"), captured.input_name, input_shape, stages, probe, source
-    )
-    manifest.exit_selection = list(exits) if exits is not None else None
+    package_name = name or output.name.removesuffix(".dync")
+    manifest = _manifest(package_name, captured.input_name, input_shape, stages, probe, source, exits)
     _write_package(output, manifest, stages)
     report(f"wrote {output}")
     return output
@@ -85,6 +83,7 @@ def _manifest(
     stages: list[Stage],
     probe: Probe,
     source: Path | None,
+    exits: Sequence[int] | None,
 ) -> Manifest:
     cumulative = np.cumsum([s.macs for s in stages]).tolist()
     written = [w for s in stages for w in s.writes]
@@ -105,6 +104,7 @@ def _manifest(
             for s, c in zip(stages, cumulative, strict=True)
         ],
         provenance=_provenance(source, input_shape, stages[0].model),
+        exit_selection=None if exits is None else list(exits),
     )
 
 

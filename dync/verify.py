@@ -18,7 +18,7 @@ import torch
 from dync.calib.thresholds import even_split_thresholds
 from dync.errors import VerificationError
 from dync.exporter.capture import eager_exits
-from dync.exporter.loading import load_model
+from dync.exporter.loading import eval_mode, load_model
 from dync.package import write_manifest
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds
@@ -58,7 +58,7 @@ def verify(
     engine.check_input(x)
     if isinstance(model, (str, Path)):
         model = load_model(model, torch.from_numpy(x))
-    reference = [o.numpy() for o in eager_exits(model.eval(), torch.from_numpy(x), engine.manifest.exit_selection)]
+    reference = [o.numpy() for o in eager_exits(eval_mode(model), torch.from_numpy(x), engine.manifest.exit_selection)]
     if len(reference) != engine.num_exits:
         raise VerificationError(
             f"the model has {len(reference)} exits but package '{engine.manifest.name}' has {engine.num_exits}; "

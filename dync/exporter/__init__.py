@@ -15,7 +15,7 @@ import torch
 
 from dync.errors import DyncError
 from dync.exporter.capture import capture
-from dync.exporter.loading import load_model
+from dync.exporter.loading import eval_mode, load_model
 from dync.exporter.partition import Stage, partition
 from dync.exporter.probe import Probe, probe_graph
 from dync.package import (
@@ -51,13 +51,13 @@ def export(
     if source is not None:
         report(f"loading {source}")
         model = load_model(source, example)
-    model.eval()
+    eval_mode(model)
     report("capturing the forward with torch.export")
     captured = capture(model, example, exits)
     report(f"probing {len(captured.model.graph.node)} nodes for batched tensors")
     probe = probe_graph(captured.model, captured.input_name, tuple(input_shape[1:]))
     report(f"partitioning into {len(captured.exit_names)} stage(s)")
-    stages = partition(captured.model, captured.exit_names, probe)
+    stages = partition(captured.model, captured.exit_names, probe, labels=exits)
     output = Path(output)
     package_name = name or output.name.removesuffix(".dync")
     manifest = _manifest(package_name, captured.input_name, input_shape, stages, probe, source, exits)

@@ -99,7 +99,8 @@ def capture(model: torch.nn.Module, example: torch.Tensor, exits: Sequence[int] 
     outputs = eager_exits(model, example, exits)
     check_exit_shapes(outputs, example.shape[0])
     exit_names = [f"exit{k}" for k in range(len(outputs))]
-    wrapped = _SelectExits(model, exits).eval()
+    wrapped = _SelectExits(model, exits)
+    wrapped.training = False  # not .eval(): it would recurse into modules that refuse it (see eval_mode)
     try:
         with quiet_torch_onnx():
             program = torch.onnx.export(

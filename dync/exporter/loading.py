@@ -7,6 +7,8 @@ Loading a pickle runs code from the file: only load models you trust.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -27,8 +29,14 @@ def load_model(path: str | Path, example: torch.Tensor | None = None) -> torch.n
         )
     kind = _archive_kind(path)
     loader = {"pt2": _load_exported_program, "torchscript": _load_torchscript, "pickle": _load_pickle}[kind]
-    model = loader(path, example)
-    return model.eval() if hasattr(model, "eval") else model
+    return eval_mode(loader(path, example))
+
+
+def eval_mode(model: torch.nn.Module) -> torch.nn.Module:
+    """Modules from `ExportedProgram.module()` refuse `.eval()`; they were captured in eval mode already."""
+    with contextlib.suppress(NotImplementedError):
+        model.eval()
+    return model
 
 
 def _archive_kind(path: Path) -> str:
@@ -68,7 +76,9 @@ def _load_torchscript(path: Path, example: torch.Tensor | None) -> torch.nn.Modu
     assert example is not None, "TorchScript conversion needs an example input"
     scripted = torch.jit.load(str(path), map_location="cpu")
     try:
-        program = TS2EPConverter(scripted, (example,)).convert()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns about every unused BatchNorm counter
+            program = TS2EPConverter(scripted, (example,)).convert()
     except Exception as exc:
         raise ModelLoadError(
             f"{path} is TorchScript that torch.export cannot convert ({type(exc).__name__}: {exc}); "

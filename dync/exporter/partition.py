@@ -12,6 +12,7 @@ Invariants this pass keeps (and tests check):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -37,9 +38,13 @@ class Stage:
     macs: int
 
 
-def partition(model: onnx.ModelProto, exit_names: list[str], probe: Probe) -> list[Stage]:
+def partition(
+    model: onnx.ModelProto, exit_names: list[str], probe: Probe, labels: Sequence[int] | None = None
+) -> list[Stage]:
+    """One stage per exit; `labels` are the exits' indices among the forward's outputs, for messages."""
     graph = gs.import_onnx(model)
     _name_nodes(graph)
+    _check_compute_order(graph, exit_names, list(labels) if labels is not None else list(range(len(exit_names))))
     owner = _assign_owners(graph, exit_names)
     members = [_stage_members(graph, owner, k, probe) for k in range(len(exit_names))]
     reads = [stage_reads for _, stage_reads in members]
@@ -47,11 +52,7 @@ def partition(model: onnx.ModelProto, exit_names: list[str], probe: Probe) -> li
     for k, exit_name in enumerate(exit_names):
         nodes, stage_reads = members[k]
         owned = [n for n in nodes if owner[n.name] == k]
-        if not owned:
-            raise PartitionError(
-                f"exit {k} ('{exit_name}') needs no computation beyond exits 0..{k - 1}: its output is computed "
-                "before them; list exits in compute order with --exits."
-            )
+        assert owned, f"exit {k} owns no node although exits are in compute order"
         later_reads = {name for later in reads[k + 1 :] for name in later}
         produced = {t.name for n in owned for t in n.outputs}
         writes = sorted(produced & later_reads)
@@ -69,6 +70,21 @@ def partition(model: onnx.ModelProto, exit_names: list[str], probe: Probe) -> li
         )
         _check_extracted(stages[-1], nodes)
     return stages
+
+
+def _check_compute_order(graph: gs.Graph, exit_names: list[str], labels: list[int]) -> None:
+    """Captured node order is the forward's execution order; exits taken out of it would make an early exit
+    pay for the trunk of a later one."""
+    position = {node.name: i for i, node in enumerate(graph.nodes)}
+    tensors = graph.tensors()
+    produced_at = [position[_producer(tensors[name]).name] for name in exit_names]
+    order = sorted(range(len(exit_names)), key=produced_at.__getitem__)
+    if order != list(range(len(exit_names))):
+        suggested = ",".join(str(labels[k]) for k in order)
+        raise PartitionError(
+            f"exits {labels} are not in compute order: the forward computes them in the order {suggested}; "
+            f"list exits in compute order with --exits {suggested}."
+        )
 
 
 def _name_nodes(graph: gs.Graph) -> None:

@@ -1,0 +1,51 @@
+"""`dync.bench` from Python: what it reports besides times (which tests never assert)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dync.bench import bench, spreading_thresholds, static_baseline
+from dync.calib.thresholds import even_split_thresholds
+from dync.runtime.exit_rule import forcing_thresholds
+from tests.conftest import Exported
+from tests.helpers import assert_close, eager_outputs, random_input
+
+
+def test_static_baseline_computes_every_exit(msdnet: Exported) -> None:
+    x = random_input(msdnet.sample_shape, 6, seed=1)
+    outputs = static_baseline(msdnet.engine)(x)
+    reference = eager_outputs(msdnet.model, x)
+    assert len(outputs) == 4
+    for k, (got, ref) in enumerate(zip(outputs, reference, strict=True)):
+        assert_close(got, ref, what=f"static exit {k}")
+        forced = msdnet.engine.execute(x, forcing_thresholds(k, 4)).logits
+        assert_close(forced, got, rel=1e-5, what=f"forced exit {k} vs static")
+
+
+def test_spreading_thresholds_split_the_batch_evenly(msdnet: Exported) -> None:
+    x = random_input(msdnet.sample_shape, 40, seed=2)
+    thresholds = spreading_thresholds(msdnet.engine, x)
+    np.testing.assert_array_equal(
+        thresholds, even_split_thresholds(["max_softmax"] * 4, static_baseline(msdnet.engine)(x))
+    )
+    counts = np.bincount(msdnet.engine.run(x, thresholds=thresholds).exit, minlength=4)
+    # Each threshold equals one sample's confidence as the merged graph computes it; the stages may compute
+    # that sample's confidence a few ulps lower, so it may go on to the next exit.
+    assert counts.sum() == 40 and all(9 <= c <= 11 for c in counts), counts.tolist()
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "source"),
+    [(None, "even split of this data"), ([2.0, 2.0, 2.0], "given"), ([0.0, 0.0, 0.0], "given")],
+)
+def test_bench_report(msdnet: Exported, thresholds: list[float] | None, source: str) -> None:
+    x = random_input(msdnet.sample_shape, 16, seed=3)
+    report = bench(msdnet.engine, x, thresholds=thresholds, repeats=1, warmup=0)
+    assert report.batch == 16 and report.threshold_source == source
+    counts = np.bincount(msdnet.engine.run(x, thresholds=report.thresholds).exit, minlength=4)
+    assert report.exit_counts == counts.tolist()
+    cumulative = np.array([e.cumulative_macs for e in msdnet.engine.manifest.exits], dtype=np.float64)
+    assert report.theoretical_speedup == pytest.approx(cumulative[-1] / (counts / 16 @ cumulative), rel=1e-12)
+    assert len(report.forced_exit_speedup) == 4
+    assert set(report.to_json()) >= {"realized_speedup", "efficiency", "settings"}

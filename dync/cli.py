@@ -170,9 +170,61 @@ def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[f
 
 
 @main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Validation inputs (.npy), shaped like the package input.")
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Integer class per validation sample (.npy): pick the most accurate setting, print the curve.")
+@click.option("--budget", type=float, help="Average cost as a fraction of the full model, e.g. 0.5.")
+@click.option("--metric", type=click.Choice(["flops", "latency"]), default="flops", show_default=True,
+              help="Cost measure: MACs, or latency predicted from the package's profile (see `dync profile`).")
+@click.option("--budget-ms", type=float, help="With --metric latency: milliseconds per sample.")
+@click.option("--batch-size", default=64, show_default=True, help="Deployment batch size for latency prediction.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the accuracy/cost curve and exit histogram to this image (e.g. calib.png).")
+def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: float | None, metric: str,
+              budget_ms: float | None, batch_size: int, plot_path: Path | None) -> None:
+    """Choose exit thresholds for a budget and store them in PACKAGE (used by run and bench)."""
+    import dync
+    from dync.calib.calibrate import BudgetRequest, calibrate_package, format_calibration
+
+    engine = dync.load(package)
+    labels = _load_array(labels_path) if labels_path else None
+    request = BudgetRequest(metric=metric, budget=budget, budget_ms=budget_ms, batch_size=batch_size)
+    data = _load_array(data_path)
+    _progress(f"searching thresholds over {len(data)} samples")
+    result = calibrate_package(engine, data, request, labels=labels)
+    click.echo(format_calibration(result, metric))
+    click.echo(f"stored thresholds in {package}")
+    if plot_path:
+        from dync.calib.plot import plot_calibration
+
+        click.echo(f"wrote {plot_calibration(result, plot_path, metric)}")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+@click.option("--batch-sizes", callback=_parse_ints, default="1,2,4,8,16,32,64,128,256", show_default=True,
+              help="Batch sizes to measure each stage at.")
+@click.option("--repeats", default=10, show_default=True, help="Timed rounds per batch size; medians are kept.")
+@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0: one per core).")
+def profile(package: Path, backend: str, batch_sizes: list[int], repeats: int, threads: int) -> None:
+    """Measure every stage's latency across batch sizes on this machine and store it in PACKAGE."""
+    import dync
+    from dync.calib.profile import profile_stages, save_profile
+
+    engine = dync.load(package, backend=backend, threads=threads)
+    path = save_profile(package, profile_stages(engine, batch_sizes, repeats=repeats, progress=_progress))
+    click.echo(f"wrote {path}")
+
+
+@main.command()
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Keep the exported package here.")
-def demo(output: Path | None) -> None:
-    """Export, verify and run the bundled multi-exit digits CNN, with accuracy and measured speedups."""
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default="dync_demo_calibration.png",
+              show_default=True, help="Where to write the calibration picture.")
+def demo(output: Path | None, plot: Path) -> None:
+    """Export, verify, run and calibrate the bundled multi-exit digits CNN, with accuracy and speedups."""
     from dync.demo import run_demo
 
-    run_demo(output, echo=click.echo, progress=_progress)
+    run_demo(output, plot, echo=click.echo, progress=_progress)

@@ -13,13 +13,18 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dync.errors import DyncError
 
+if TYPE_CHECKING:
+    from dync.runtime.engine import Engine
+
 EXAMPLE_FILE = Path(__file__).resolve().parents[1] / "examples" / "digits_multiexit.py"
 DEMO_THRESHOLDS = (None, 0.99, 0.9, 0.7, 0.5)
+DEMO_BUDGET = 0.3
 
 
 def load_example() -> ModuleType:
@@ -37,15 +42,17 @@ def load_example() -> ModuleType:
     return module
 
 
-def run_demo(output: Path | None, echo: Callable[[str], None], progress: Callable[[str], None]) -> None:
+def run_demo(
+    output: Path | None, plot: Path, echo: Callable[[str], None], progress: Callable[[str], None]
+) -> None:
     if output is not None:
-        _demo(output, echo, progress)
+        _demo(output, plot, echo, progress)
         return
     with tempfile.TemporaryDirectory() as scratch:
-        _demo(Path(scratch) / "digits.dync", echo, progress)
+        _demo(Path(scratch) / "digits.dync", plot, echo, progress)
 
 
-def _demo(package: Path, echo: Callable[[str], None], progress: Callable[[str], None]) -> None:
+def _demo(package: Path, plot: Path, echo: Callable[[str], None], progress: Callable[[str], None]) -> None:
     import dync
     from dync.bench import static_baseline
     from dync.timing import median_times
@@ -73,11 +80,34 @@ def _demo(package: Path, echo: Callable[[str], None], progress: Callable[[str], 
         result = engine.run(x, thresholds=thresholds)
         counts = np.bincount(result.exit, minlength=engine.num_exits)
         fraction = float(counts @ cumulative / len(x) / cumulative[-1])
-        accuracy = float((result.logits.argmax(axis=1) == y).mean())
+        accuracy = _accuracy(result.logits, y)
         echo(f"| {label} | {accuracy:.1%} | {counts.tolist()} | {fraction:.2f} | {1 / fraction:.2f}x | "
              f"{times['static'] / times[label]:.2f}x |")
     echo("\nmeasured speedup: the static full model's median time over dync's, same onnxruntime settings "
          f"({engine.backend.describe()['intra_op_threads']} threads), interleaved rounds.")
+    _calibration(engine, x, y, plot, echo)
+
+
+def _calibration(engine: Engine, x: np.ndarray, y: np.ndarray, plot: Path, echo: Callable[[str], None]) -> None:
+    """Calibrate on one half of the held-out digits for a compute budget, check on the other half."""
+    from dync.calib.budget import flops_cost
+    from dync.calib.calibrate import BudgetRequest, calibrate_package
+    from dync.calib.plot import plot_calibration
+
+    half = len(x) // 2
+    result = calibrate_package(engine, x[:half], BudgetRequest(budget=DEMO_BUDGET), labels=y[:half])
+    calibrated = engine.run(x[half:])
+    full = engine.run(x[half:], thresholds=[2.0] * (engine.num_exits - 1))
+    cost = flops_cost([e.cumulative_macs for e in engine.manifest.exits])(calibrated.exit)
+    thresholds = [round(float(t), 4) for t in result.chosen.thresholds]
+    echo(f"\ncalibrated for {DEMO_BUDGET} x the full model's MACs on {half} digits (thresholds {thresholds}); "
+         f"on the other {len(x) - half}: cost {cost:.3f} x full, accuracy {_accuracy(calibrated.logits, y[half:]):.1%} "
+         f"(full model {_accuracy(full.logits, y[half:]):.1%})")
+    echo(f"accuracy/cost curve and exit histogram: {plot_calibration(result, plot, 'flops')}")
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(axis=1) == labels).mean())
 
 
 def _label(threshold: float | None) -> str:

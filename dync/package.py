@@ -69,6 +69,7 @@ class Manifest:
     exit_selection: list[int] | None = None
     custom_ops: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -134,6 +135,7 @@ def _manifest_from_json(raw: Any, path: Path) -> Manifest:
             exit_selection=raw.get("exit_selection"),
             custom_ops=raw.get("custom_ops", []),
             verification=raw.get("verification"),
+            calibration=raw.get("calibration"),
         )
     except (KeyError, TypeError) as exc:
         raise PackageError(f"{path} is missing or has a malformed field ({exc}); re-export the package.") from exc

@@ -1,0 +1,148 @@
+"""`dync calibrate`: thresholds for a compute or latency budget, stored in the package.
+
+The static full model is run once over the validation data to get every exit's logits; everything after
+that (the q search, accuracy, predicted cost) is simulated from those logits, so calibration costs one pass.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dync.bench import static_baseline
+from dync.calib.budget import Calibration, CostOfExits, calibrate, flops_cost
+from dync.errors import InputError
+from dync.package import write_manifest
+from dync.runtime.engine import Engine
+from dync.runtime.exit_rule import confidence
+
+METRICS = ("flops", "latency")
+PASS_BATCH = 256
+
+
+@dataclass
+class BudgetRequest:
+    """Either `budget` (fraction of the full model) or, with the latency metric, `budget_ms` per sample."""
+
+    metric: str = "flops"
+    budget: float | None = None
+    budget_ms: float | None = None
+    batch_size: int = 64
+
+    def check(self) -> None:
+        if self.metric not in METRICS:
+            raise InputError(f"metric '{self.metric}' is unknown; choose one of {list(METRICS)}.")
+        if (self.budget is None) == (self.budget_ms is None):
+            raise InputError("give exactly one of --budget (fraction of the full model) and --budget-ms.")
+        if self.budget_ms is not None and self.metric != "latency":
+            raise InputError("--budget-ms is a latency budget; add --metric latency.")
+        if self.budget is not None and not self.budget > 0:
+            raise InputError(f"budget {self.budget} must be a positive fraction of the full model, e.g. 0.5.")
+        if self.budget_ms is not None and not self.budget_ms > 0:
+            raise InputError(f"--budget-ms {self.budget_ms} must be positive.")
+        if self.batch_size < 1:
+            raise InputError(f"batch size {self.batch_size} must be at least 1.")
+
+
+def exit_outputs(engine: Engine, data: np.ndarray) -> list[np.ndarray]:
+    """Every exit's output for every sample, from the static full model, in bounded-size batches."""
+    full = static_baseline(engine)
+    chunks = [full(data[i : i + PASS_BATCH]) for i in range(0, len(data), PASS_BATCH)]
+    return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(engine.num_exits)]
+
+
+def check_labels(labels: np.ndarray | None, data: np.ndarray, num_classes: int) -> None:
+    if labels is None:
+        return
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise InputError(
+            f"labels have shape {list(labels.shape)} but the data has {len(data)} samples; "
+            f"give one integer class per sample, shape [{len(data)}]."
+        )
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= num_classes:
+        raise InputError(f"labels must be integer classes in 0..{num_classes - 1}; got {labels.dtype} values.")
+
+
+def latency_cost(engine: Engine, batch_size: int) -> CostOfExits:
+    """Predicted time of running the data in batches of `batch_size`, as a fraction of the full model's."""
+    from dync.calib.profile import load_profile
+
+    profile = load_profile(engine.package_dir, getattr(engine.backend, "name", "ort"))
+
+    def cost(exits: np.ndarray) -> float:
+        chunks = [exits[i : i + batch_size] for i in range(0, len(exits), batch_size)]
+        predicted = sum(profile.predict_batch_seconds(c) for c in chunks)
+        return predicted / sum(profile.predict_full_seconds(len(c)) for c in chunks)
+
+    return cost
+
+
+def full_model_ms_per_sample(engine: Engine, batch_size: int) -> float:
+    from dync.calib.profile import load_profile
+
+    profile = load_profile(engine.package_dir, getattr(engine.backend, "name", "ort"))
+    return profile.predict_full_seconds(batch_size) / batch_size * 1e3
+
+
+def calibrate_package(
+    engine: Engine, data: np.ndarray, request: BudgetRequest, labels: np.ndarray | None = None
+) -> Calibration:
+    """Choose thresholds for the budget, store them in the package, and return the whole curve."""
+    request.check()
+    engine.check_input(data)
+    outputs = exit_outputs(engine, data)
+    check_labels(labels, data, outputs[0].shape[-1])
+    if request.metric == "flops":
+        cost_of = flops_cost([e.cumulative_macs for e in engine.manifest.exits])
+    else:
+        cost_of = latency_cost(engine, request.batch_size)
+    budget = request.budget
+    if budget is None:
+        budget = request.budget_ms / full_model_ms_per_sample(engine, request.batch_size)
+    confidences = [confidence(e.criterion, o) for e, o in zip(engine.manifest.exits, outputs, strict=True)]
+    correct = None if labels is None else [o.argmax(axis=-1) == labels for o in outputs]
+    result = calibrate(confidences, cost_of, budget, correct)
+    _store(engine, result, request, len(data))
+    return result
+
+
+def _store(engine: Engine, result: Calibration, request: BudgetRequest, samples: int) -> None:
+    chosen = result.chosen
+    for exit_spec, threshold in zip(engine.manifest.exits[:-1], chosen.thresholds, strict=True):
+        exit_spec.threshold = float(threshold) if np.isfinite(threshold) else 2.0  # above 1: never fires
+    engine.manifest.calibration = {
+        "metric": request.metric,
+        "budget": result.budget,
+        "budget_ms": request.budget_ms,
+        "batch_size": request.batch_size if request.metric == "latency" else None,
+        "q": chosen.q,
+        "expected_cost": chosen.cost,
+        "expected_accuracy": chosen.accuracy,
+        "exit_counts": chosen.exit_counts.tolist(),
+        "samples": samples,
+        "min_cost": result.min_cost,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_manifest(Path(engine.package_dir), engine.manifest)
+
+
+def format_calibration(result: Calibration, metric: str) -> str:
+    chosen = result.chosen
+    accuracy = "" if chosen.accuracy is None else f", accuracy {chosen.accuracy:.2%}"
+    lines = [
+        f"budget {result.budget:.3f} x full ({metric}); cheapest possible {result.min_cost:.3f}",
+        f"chosen q={chosen.q:.3g}: expected cost {chosen.cost:.3f} x full{accuracy}, "
+        f"exits {chosen.exit_counts.tolist()}",
+        f"thresholds {[round(float(t), 4) for t in chosen.thresholds]}",
+    ]
+    if chosen.accuracy is not None:
+        lines += ["", "budgeted batch (best accuracy within each cost):", "| cost <= | accuracy |", "| --- | --- |"]
+        for level in np.linspace(0.1, 1.0, 10):
+            under = [s.accuracy for s in result.curve if s.cost <= level + 1e-9]
+            lines.append(f"| {level:.1f} | {max(under):.2%} |" if under else f"| {level:.1f} | - |")
+        lines += ["", "anytime (every sample at one exit):", "| exit | cost | accuracy |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {cost:.3f} | {acc:.2%} |" for k, (cost, acc) in enumerate(result.anytime)]
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""The accuracy/cost picture of a calibration: matplotlib, written to a file (no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dync.calib.budget import Calibration
+
+
+def plot_calibration(calibration: Calibration, path: str | Path, metric: str) -> Path:
+    """Left: accuracy against cost (budgeted-batch curve, anytime exits, chosen point); without labels, the
+    cost each q gives. Right: how many samples leave at each exit in the chosen setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    chosen = calibration.chosen
+    figure, (curve_axes, histogram_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    costs = np.array([s.cost for s in calibration.curve])
+    if chosen.accuracy is not None:
+        curve_axes.plot(costs, [s.accuracy for s in calibration.curve], label="budgeted batch (geometric q)")
+        anytime_costs, anytime_accuracy = zip(*calibration.anytime, strict=True)
+        curve_axes.plot(anytime_costs, anytime_accuracy, "s--", label="anytime (every sample at exit k)")
+        curve_axes.plot([chosen.cost], [chosen.accuracy], "r*", markersize=14, label="chosen")
+        curve_axes.axvline(calibration.budget, color="gray", linestyle=":", label=f"budget {calibration.budget:.2f}")
+        curve_axes.set_xlabel(f"mean {metric} cost / full model")
+        curve_axes.set_ylabel("accuracy")
+    else:
+        curve_axes.semilogx([s.q for s in calibration.curve], costs, label="cost for q")
+        curve_axes.plot([chosen.q], [chosen.cost], "r*", markersize=14, label="chosen")
+        curve_axes.set_xlabel("q (exit shares proportional to q^k)")
+        curve_axes.set_ylabel(f"mean {metric} cost / full model")
+        curve_axes.axhline(calibration.budget, color="gray", linestyle=":", label=f"budget {calibration.budget:.2f}")
+    curve_axes.legend(loc="lower right")
+    curve_axes.grid(alpha=0.3)
+    exits = np.arange(len(chosen.exit_counts))
+    histogram_axes.bar(exits, chosen.exit_counts)
+    histogram_axes.set_xticks(exits)
+    histogram_axes.set_xlabel("exit")
+    histogram_axes.set_ylabel("samples")
+    histogram_axes.set_title(f"exits taken at q = {chosen.q:.3g}, cost {chosen.cost:.3f}")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from dync.calib.thresholds import even_split_thresholds
+from dync.errors import PackageError
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds, resolve_thresholds
@@ -35,6 +36,7 @@ class BenchReport:
     forced_exit_speedup: list[float]
     static_ms: float
     dync_ms: float
+    predicted_over_measured: float | None
     settings: dict
 
     def to_json(self) -> dict:
@@ -53,6 +55,17 @@ def spreading_thresholds(engine: Engine, x: np.ndarray) -> np.ndarray:
     """Thresholds sending an equal share of `x` to each exit, for packages that carry none."""
     outputs = static_baseline(engine)(x)
     return even_split_thresholds([e.criterion for e in engine.manifest.exits], outputs)
+
+
+def predicted_seconds(engine: Engine, exits: np.ndarray) -> float | None:
+    """The run's time predicted from the package's latency profile, when it has one for this backend."""
+    from dync.calib.profile import load_profile
+
+    try:
+        profile = load_profile(engine.package_dir, getattr(engine.backend, "name", "ort"))
+    except PackageError:
+        return None
+    return profile.predict_batch_seconds(exits)
 
 
 def bench(
@@ -75,7 +88,9 @@ def bench(
         forced = forcing_thresholds(k, engine.num_exits)
         variants[f"exit{k}"] = lambda forced=forced: engine.execute(x, forced)
     times = median_times(variants, repeats=repeats, warmup=warmup)
-    counts = np.bincount(engine.execute(x, resolved).exit, minlength=engine.num_exits)
+    exits = engine.execute(x, resolved).exit
+    counts = np.bincount(exits, minlength=engine.num_exits)
+    predicted = predicted_seconds(engine, exits)
     shares = counts / counts.sum()
     cumulative = np.array([e.cumulative_macs for e in engine.manifest.exits], dtype=np.float64)
     forced_times = np.array([times[f"exit{k}"] for k in range(engine.num_exits)])
@@ -92,6 +107,7 @@ def bench(
         forced_exit_speedup=[times["static"] / t for t in forced_times],
         static_ms=times["static"] * 1e3,
         dync_ms=times["dync"] * 1e3,
+        predicted_over_measured=None if predicted is None else predicted / times["dync"],
         settings=engine.backend.describe(),
     )
 
@@ -110,4 +126,7 @@ def format_report(report: BenchReport) -> str:
         f"| efficiency (ideal / dync time) | {report.efficiency:.2f} |",
     ]
     lines += [f"| all samples at exit {k}: speedup | {s:.2f}x |" for k, s in enumerate(report.forced_exit_speedup)]
+    predicted = report.predicted_over_measured
+    lines.append("| dync time predicted by the profile / measured | "
+                 + ("no profile: run `dync profile` |" if predicted is None else f"{predicted:.2f} |"))
     return "\n".join(lines)

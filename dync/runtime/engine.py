@@ -28,7 +28,7 @@ class Engine:
         self.package_dir = package_dir
         self.manifest = manifest
         self.backend = backend
-        self._live_after = _live_state(manifest)
+        self._live_after = live_state(manifest)
 
     @classmethod
     def load(cls, package: str | Path, backend: str = "ort", **backend_options: Any) -> Engine:
@@ -109,7 +109,7 @@ class Engine:
             )
 
 
-def _live_state(manifest: Manifest) -> list[set[str]]:
+def live_state(manifest: Manifest) -> list[set[str]]:
     """After stage k, only tensors a later stage reads are kept (and compacted)."""
     live = []
     for k in range(len(manifest.stages)):

@@ -58,7 +58,7 @@ def mac_rows(models: dict[str, tuple[torch.nn.Module, tuple[int, ...]]], work: P
     for name, (model, shape) in models.items():
         package = dync.export(model, work / f"{name}.dync", input_shape=shape)
         macs = dync.load(package).manifest.full_macs
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
             model(torch.randn(1, *shape[1:]))
         reference = counter.get_total_flops() / 2
         rows.append(f"| {name} | {macs / 1e6:.2f} | {reference / 1e6:.2f} | {macs / reference:.3f} |")

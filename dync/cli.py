@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,31 +32,24 @@ def _progress(message: str) -> None:
     click.echo(f"dync: {message}", err=True)
 
 
-def _parse_shape(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(int(d) for d in value.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a shape like 16x3x32x32.") from None
+def _separated(convert: Callable[[str], Any], separator: str, example: str) -> Callable[..., list | None]:
+    """A click callback parsing `value` as a list of numbers such as '16x3x32x32' or '0.9,0.8'."""
+
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list | None:
+        if value is None:
+            return None
+        try:
+            return [convert(v) for v in value.lower().split(separator)]
+        except ValueError:
+            raise click.BadParameter(f"'{value}' is not {example}.") from None
+
+    return parse
 
 
-def _parse_floats(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of numbers like 0.9,0.8.") from None
-
-
-def _parse_ints(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of exit indices like 0,2,4.") from None
+_parse_shape = _separated(int, "x", "a shape like 16x3x32x32")
+_parse_floats = _separated(float, ",", "a comma-separated list of numbers like 0.9,0.8")
+_parse_exits = _separated(int, ",", "a comma-separated list of exit indices like 0,2,4")
+_parse_sizes = _separated(int, ",", "a comma-separated list of batch sizes like 1,8,64")
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -75,9 +69,9 @@ def main() -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Package directory to write.")
 @click.option("--input-shape", callback=_parse_shape, help="Example input shape, batch first (default 16x3x32x32).")
-@click.option("--exits", callback=_parse_ints, help="Forward outputs to use as exits, in compute order, e.g. 0,2,4.")
+@click.option("--exits", callback=_parse_exits, help="Forward outputs to use as exits, in compute order, e.g. 0,2,4.")
 @click.option("--name", help="Package name (default: the output directory's name).")
-def export(model: Path, output: Path, input_shape: tuple[int, ...] | None, exits: list[int] | None,
+def export(model: Path, output: Path, input_shape: list[int] | None, exits: list[int] | None,
            name: str | None) -> None:
     """Export MODEL (torch.save'd module, TorchScript or .pt2) to a .dync package.
 
@@ -205,7 +199,7 @@ def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: 
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
-@click.option("--batch-sizes", callback=_parse_ints, default="1,2,4,8,16,32,64,128,256", show_default=True,
+@click.option("--batch-sizes", callback=_parse_sizes, default="1,2,4,8,16,32,64,128,256", show_default=True,
               help="Batch sizes to measure each stage at.")
 @click.option("--repeats", default=10, show_default=True, help="Timed rounds per batch size; medians are kept.")
 @click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0: one per core).")

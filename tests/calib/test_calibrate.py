@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,15 @@ def test_cli_budget_below_minimum_is_one_line(package: Path, data: np.ndarray, t
     result = invoke(["calibrate", package, "--data", tmp_path / "val.npy", "--budget", "0.0001"])
     assert result.exit_code == 1
     assert "cheapest achievable cost" in result.output and "Traceback" not in result.output
+
+
+def test_cli_profile_then_latency_calibration_and_bench_prediction(package: Path, data: np.ndarray,
+                                                                   tmp_path: Path) -> None:
+    profiled = invoke(["profile", package, "--batch-sizes", "1,8", "--repeats", "2"])
+    assert profiled.exit_code == 0, profiled.output
+    np.save(tmp_path / "val.npy", data)
+    calibrated = invoke(["calibrate", package, "--data", tmp_path / "val.npy", "--metric", "latency",
+                         "--budget", "0.6", "--batch-size", "8"])
+    assert calibrated.exit_code == 0, calibrated.output
+    report = json.loads(invoke(["bench", package, "--batch", "8", "--repeats", "2", "--json"]).stdout)
+    assert report["threshold_source"] == "package" and report["predicted_over_measured"] > 0

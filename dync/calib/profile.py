@@ -31,7 +31,7 @@ import numpy as np
 
 from dync.errors import InputError, PackageError
 from dync.package import load_manifest
-from dync.runtime.engine import Engine, live_state
+from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds
 from dync.timing import median_times
 
@@ -195,16 +195,11 @@ def machine_info() -> dict[str, Any]:
 def _run_uncompacted(engine: Engine, x: np.ndarray) -> tuple[list[dict[str, np.ndarray]], list[list[np.ndarray]]]:
     """Each stage's feeds for input x, and the state the executor holds after each stage, from one run
     in which every sample runs every stage."""
-    later = live_state(engine.manifest)
-    state = {engine.manifest.inputs[0].name: x}
-    feeds, live = [], []
-    for k, stage in enumerate(engine.manifest.stages):
-        feeds.append({name: state[name] for name in stage.reads})
-        outputs = engine.backend.run(stage, feeds[-1])
-        state.update((name, outputs[name]) for name in stage.writes)
-        state = {name: value for name, value in state.items() if name in later[k]}
-        live.append(list(state.values()))
-    return feeds, live
+    held: list[dict[str, np.ndarray]] = []
+    last = forcing_thresholds(engine.num_exits - 1, engine.num_exits)
+    engine.execute(x, last, observe=lambda k, state: held.append(dict(state)))
+    feeds = [{name: held[k][name] for name in stage.reads} for k, stage in enumerate(engine.manifest.stages)]
+    return feeds, [list(state.values()) for state in held[1:]]
 
 
 def _batch_variants(engine: Engine, batch: int) -> dict[str, Callable[[], object]]:

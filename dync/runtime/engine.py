@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ class Engine:
         self.package_dir = package_dir
         self.manifest = manifest
         self.backend = backend
-        self._live_after = live_state(manifest)
+        self._live_after = _live_state(manifest)
 
     @classmethod
     def load(cls, package: str | Path, backend: str = "ort", **backend_options: Any) -> Engine:
@@ -48,8 +48,13 @@ class Engine:
             thresholds = self.manifest.thresholds
         return self.execute(x, resolve_thresholds(thresholds, self.num_exits))
 
-    def execute(self, x: np.ndarray, thresholds: np.ndarray) -> RunResult:
-        """The executor, on checked input: stage by stage, exits leave, the rest of the batch is compacted."""
+    def execute(
+        self, x: np.ndarray, thresholds: np.ndarray, observe: Callable[[int, dict[str, np.ndarray]], None] | None = None
+    ) -> RunResult:
+        """The executor, on checked input: stage by stage, exits leave, the rest of the batch is compacted.
+
+        `observe(k, state)`, if given, sees the state held when stage k starts (profiling replays it).
+        """
         batch = x.shape[0]
         state = {self.manifest.inputs[0].name: x}
         running = np.arange(batch)
@@ -57,6 +62,8 @@ class Engine:
         exits = np.full(batch, -1, dtype=np.int64)
         last = self.num_exits - 1
         for k, stage in enumerate(self.manifest.stages):
+            if observe is not None:
+                observe(k, state)
             outputs = self.backend.run(stage, {name: state[name] for name in stage.reads})
             state.update((name, outputs[name]) for name in stage.writes)
             exit_logits = outputs[stage.exit.output]
@@ -109,7 +116,7 @@ class Engine:
             )
 
 
-def live_state(manifest: Manifest) -> list[set[str]]:
+def _live_state(manifest: Manifest) -> list[set[str]]:
     """After stage k, only tensors a later stage reads are kept (and compacted)."""
     live = []
     for k in range(len(manifest.stages)):

@@ -94,12 +94,27 @@ def _print_summary(package: Path) -> None:
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def inspect(package: Path, as_json: bool) -> None:
-    """Show a package's stages, exits, costs and thresholds."""
+@click.option("--target", type=click.Choice(["trt"]),
+              help="Also lint the stages for a deployment target (trt: TensorRT's ONNX parser); status 1 on errors.")
+def inspect(package: Path, as_json: bool, target: str | None) -> None:
+    """Show a package's stages, exits, costs and thresholds (and, with --target, what the target cannot run)."""
     from dync.describe import describe, format_description
 
     description = describe(package)
-    click.echo(json.dumps(description, indent=2) if as_json else format_description(description))
+    report = None
+    if target is not None:
+        from dync.lint import format_lint, lint_package
+
+        report = lint_package(package, target=target)
+        description["lint"] = report.to_json()
+    if as_json:
+        click.echo(json.dumps(description, indent=2))
+    else:
+        click.echo(format_description(description))
+        if report is not None:
+            click.echo("\n" + format_lint(report))
+    if report is not None and not report.ok:
+        sys.exit(1)
 
 
 @main.command()

@@ -33,3 +33,7 @@ class InputError(DyncError):
 
 class VerificationError(DyncError):
     """The package's outputs disagree with the eager model."""
+
+
+class LintError(DyncError):
+    """A deployment lint cannot run: unknown target or unreadable operator facts."""

@@ -245,3 +245,11 @@ def test_console_script_fails_cleanly(tmp_path: Path) -> None:
     assert done.stderr.startswith("dync: loading") or done.stderr.startswith("error:")
     assert f"error: {not_a_model} is not a PyTorch model file" in done.stderr
     assert not (tmp_path / "out.dync").exists()
+
+
+def test_inspect_target_trt_lints_every_stage(cli_export: CliExport) -> None:
+    result = invoke(["inspect", cli_export.package, "--target", "trt"])
+    assert result.exit_code == 0, result.output
+    assert "ops needing a plugin: none" in result.output
+    lint = json.loads(invoke(["inspect", cli_export.package, "--target", "trt", "--json"]).stdout)["lint"]
+    assert lint["counts"]["error"] == 0

@@ -1,0 +1,808 @@
+"""TensorRT compatibility lint: which nodes of a package TensorRT's ONNX parser will refuse, before a GPU is near.
+
+Building a TensorRT engine needs the GPU and the TensorRT libraries; finding out there that a stage uses an op
+the parser lacks is slow and late. This module checks every stage of a package against the parser's operator
+support matrix (`dync/data/tensorrt_onnx_operators.json`, transcribed from onnx-tensorrt's
+`docs/operators.md`) on any machine:
+
+- the op is one the parser knows and supports (custom-domain ops such as `dync::GatherConv` need a plugin);
+- the op's data tensor has an element type the parser supports for that op;
+- the model's default-domain opset is within the parser's range;
+- the op's restrictions, where they can be read off attributes and constant inputs (small rule functions in
+  `RULES`, each quoting the restriction it checks); any other restriction text is surfaced once per op as a
+  note to check by hand.
+
+Severities: "error" means the parser (or engine build) will fail as the graph stands; "note" means a human has
+to confirm something the lint cannot decide.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from dync.errors import LintError, PackageError
+from dync.package import load_manifest
+
+FACTS_RESOURCE = "data/tensorrt_onnx_operators.json"
+TARGETS = ("trt",)
+DEFAULT_DOMAINS = ("", "ai.onnx")
+ERROR, NOTE = "error", "note"
+SEVERITIES = (ERROR, NOTE)
+
+# Finding codes: what kind of problem a finding reports (stable, for JSON consumers and tests).
+UNSUPPORTED_OP = "unsupported-op"  # listed in the matrix with supported: false
+UNKNOWN_OP = "unknown-op"  # a default-domain op the matrix does not list
+CUSTOM_OP = "custom-op"  # an op outside the default domain
+PLUGIN_CODES = (UNSUPPORTED_OP, UNKNOWN_OP, CUSTOM_OP)
+TYPE = "type"
+OPSET = "opset"
+RESTRICTION = "restriction"  # a restriction checked by a rule (error or note)
+CHECK_BY_HAND = "check-by-hand"  # restriction text no rule checks
+
+# Typos in the upstream table, kept verbatim in the data file and corrected on load.
+_TYPE_ALIASES = {"INF64": "INT64"}
+
+_TYPE_NAMES = {
+    TensorProto.FLOAT: "FP32",
+    TensorProto.FLOAT16: "FP16",
+    TensorProto.BFLOAT16: "BF16",
+    TensorProto.DOUBLE: "FP64",
+    TensorProto.FLOAT8E4M3FN: "FP8",
+    TensorProto.INT4: "INT4",
+    TensorProto.UINT4: "UINT4",
+    TensorProto.INT8: "INT8",
+    TensorProto.UINT8: "UINT8",
+    TensorProto.INT16: "INT16",
+    TensorProto.UINT16: "UINT16",
+    TensorProto.INT32: "INT32",
+    TensorProto.UINT32: "UINT32",
+    TensorProto.INT64: "INT64",
+    TensorProto.UINT64: "UINT64",
+    TensorProto.BOOL: "BOOL",
+    TensorProto.STRING: "STRING",
+}
+
+
+# --------------------------------------------------------------------------- #
+# Operator facts
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class OpFacts:
+    """One row of the parser's support matrix."""
+
+    name: str
+    supported: bool
+    types: frozenset[str]
+    restrictions: str
+
+
+@dataclass(frozen=True)
+class OperatorFacts:
+    """The whole matrix plus the opset range and TensorRT version it describes."""
+
+    operators: dict[str, OpFacts]
+    opset_min: int
+    opset_max: int
+    tensorrt_version: str
+    source: str = ""
+
+
+def load_operator_facts(path: Path | None = None) -> OperatorFacts:
+    """Read the support matrix; by default the copy shipped inside the package (works from a wheel too)."""
+    where = str(path) if path is not None else f"dync/{FACTS_RESOURCE}"
+    source = Path(path) if path is not None else resources.files("dync").joinpath(FACTS_RESOURCE)
+    try:
+        return _facts_from_json(json.loads(source.read_text()))
+    except OSError as exc:
+        raise LintError(f"cannot read the TensorRT operator facts {where} ({exc}); pass an existing file.") from exc
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise LintError(
+            f"{where} is not a TensorRT operator support matrix ({exc!r}); "
+            "use a file shaped like dync's tensorrt_onnx_operators.json."
+        ) from exc
+
+
+def _facts_from_json(raw: dict[str, Any]) -> OperatorFacts:
+    operators = {
+        name: OpFacts(
+            name=name,
+            supported=bool(row["supported"]),
+            types=frozenset(_TYPE_ALIASES.get(t, t) for t in row.get("types", []) if t),
+            restrictions=_clean_text(row.get("restrictions", "")),
+        )
+        for name, row in raw["operators"].items()
+    }
+    return OperatorFacts(
+        operators=operators,
+        opset_min=int(raw["opset_min"]),
+        opset_max=int(raw["opset_max"]),
+        tensorrt_version=str(raw["tensorrt_version"]),
+        source=str(raw.get("source", "")),
+    )
+
+
+def _clean_text(text: str) -> str:
+    """The upstream table is Markdown with HTML line breaks; one line of plain text reads better in a report."""
+    return " ".join(text.replace("<br />", " ").replace("<br/>", " ").split())
+
+
+# --------------------------------------------------------------------------- #
+# Findings and report
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: where (stage, node, op), how bad (severity), what (code) and what to do (message)."""
+
+    stage: str
+    node: str
+    op: str
+    severity: str
+    message: str
+    code: str
+
+    def to_json(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class LintReport:
+    """All findings of one package against one target's facts."""
+
+    package: str
+    target: str
+    tensorrt_version: str
+    opset_range: tuple[int, int]
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
+
+    @property
+    def plugin_ops(self) -> list[str]:
+        """Ops the parser cannot import, so they need a TensorRT plugin (or a decomposition into supported ops)."""
+        return sorted({f.op for f in self.findings if f.code in PLUGIN_CODES})
+
+    @property
+    def ok(self) -> bool:
+        return self.counts[ERROR] == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "package": self.package,
+            "target": self.target,
+            "tensorrt_version": self.tensorrt_version,
+            "opset_range": list(self.opset_range),
+            "ok": self.ok,
+            "counts": self.counts,
+            "plugin_ops": self.plugin_ops,
+            "findings": [f.to_json() for f in _ordered(self.findings)],
+        }
+
+
+def _ordered(findings: list[Finding]) -> list[Finding]:
+    """Plugin needs first (they decide whether TensorRT is possible at all), then other errors, then notes."""
+
+    def rank(f: Finding) -> int:
+        return 0 if f.code in PLUGIN_CODES else 1 if f.severity == ERROR else 2
+
+    return sorted(findings, key=rank)
+
+
+def format_lint(report: LintReport) -> str:
+    """A readable summary line, the plugin list, and a Markdown table of findings."""
+    counts = report.counts
+    lo, hi = report.opset_range
+    lines = [
+        f"TensorRT {report.tensorrt_version} ONNX parser lint of {report.package} (opsets {lo}-{hi}): "
+        f"{counts[ERROR]} error(s), {counts[NOTE]} note(s)",
+        f"ops needing a plugin: {', '.join(report.plugin_ops) or 'none'}",
+    ]
+    if not report.findings:
+        return "\n".join([*lines, "", "no findings: every node is supported as exported"])
+    lines += ["", "| severity | stage | node | op | message |", "| --- | --- | --- | --- | --- |"]
+    for f in _ordered(report.findings):
+        cells = [f.severity, f.stage or "-", f.node or "-", f.op or "-", f.message]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
+# Graph context: what a rule may look at
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class _Scope:
+    """Tensor facts visible in one graph (its own plus the enclosing graphs'): element types, shapes, constants."""
+
+    types: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, tuple[int | str | None, ...]] = field(default_factory=dict)
+    constants: dict[str, onnx.TensorProto | np.ndarray] = field(default_factory=dict)  # converted when asked
+
+    def child(self, graph: onnx.GraphProto) -> _Scope:
+        scope = _Scope(dict(self.types), dict(self.shapes), dict(self.constants))
+        scope.add_graph(graph)
+        return scope
+
+    def add_graph(self, graph: onnx.GraphProto) -> None:
+        for info in [*graph.input, *graph.output, *graph.value_info]:
+            self._add_value_info(info)
+        for init in graph.initializer:
+            self.types[init.name] = init.data_type
+            self.shapes[init.name] = tuple(init.dims)
+            self.constants[init.name] = init
+        for node in graph.node:
+            value = _constant_node_value(node)
+            if value is not None and node.output:
+                self.constants[node.output[0]] = value
+
+    def _add_value_info(self, info: onnx.ValueInfoProto) -> None:
+        if not info.type.HasField("tensor_type"):
+            return
+        tensor = info.type.tensor_type
+        if tensor.elem_type:
+            self.types[info.name] = tensor.elem_type
+        if tensor.HasField("shape"):
+            self.shapes[info.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim
+            )
+
+
+def _constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | np.ndarray | None:
+    """The value of a default-domain Constant node; TensorRT's parser imports these as weights, like initializers."""
+    if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
+        return None
+    for attr in node.attribute:
+        if attr.name == "value":
+            return attr.t
+        if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            return np.asarray(helper.get_attribute_value(attr))
+    return None
+
+
+@dataclass
+class NodeContext:
+    """One node with what rules need: its attributes, its scope, and helpers that build findings."""
+
+    node: onnx.NodeProto
+    stage: str
+    label: str
+    scope: _Scope
+
+    @property
+    def op(self) -> str:
+        return self.node.op_type
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        for attr in self.node.attribute:
+            if attr.name == name:
+                value = helper.get_attribute_value(attr)
+                return value.decode() if isinstance(value, bytes) else value
+        return default
+
+    def has_attr(self, name: str) -> bool:
+        return any(attr.name == name for attr in self.node.attribute)
+
+    def input(self, index: int) -> str:
+        """The name of input `index`, or "" when it is absent (omitted optional inputs are "" in ONNX too)."""
+        return self.node.input[index] if index < len(self.node.input) else ""
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant node output, None for a tensor computed at run time."""
+        value = self.scope.constants.get(name)
+        return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else value
+
+    def rank(self, name: str) -> int | None:
+        shape = self.scope.shapes.get(name)
+        return None if shape is None else len(shape)
+
+    def finding(self, severity: str, code: str, message: str) -> Finding:
+        return Finding(self.stage, self.label, self.op, severity, message, code)
+
+    def error(self, problem: str, fix: str) -> Finding:
+        """A restriction the node breaks: 'node X (Op) <problem>; <fix>.'"""
+        return self.finding(ERROR, RESTRICTION, f"node '{self.label}' ({self.op}) {problem}; {fix}.")
+
+    def note(self, problem: str, fix: str) -> Finding:
+        return self.finding(NOTE, RESTRICTION, f"node '{self.label}' ({self.op}) {problem}; {fix}.")
+
+
+# --------------------------------------------------------------------------- #
+# Restriction rules
+# --------------------------------------------------------------------------- #
+
+Rule = Callable[[NodeContext], list[Finding]]
+RULES: dict[str, Rule] = {}
+"""op name -> the rule checking that op's restrictions; an op with a rule gets no generic restriction note."""
+
+
+def _rule(*ops: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return register
+
+
+def _needs_constant(ctx: NodeContext, index: int, what: str) -> list[Finding]:
+    """Input `index` (when given) must be an initializer or a Constant node's output."""
+    name = ctx.input(index)
+    if not name or ctx.constant(name) is not None:
+        return []
+    return [ctx.error(f"computes its `{what}` input '{name}' at run time but TensorRT needs an initializer",
+                      f"make `{what}` a constant when exporting")]
+
+
+_REDUCE_OPS = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+               "ReduceProd", "ReduceSum", "ReduceSumSquare")
+
+
+@_rule(*_REDUCE_OPS, "Slice", "Pad")
+def axes_initializer(ctx: NodeContext) -> list[Finding]:
+    """"`axes` must be an initializer" (the Reduce* ops, Slice, Pad); attribute axes (old opsets) are constant."""
+    index = {"Slice": 3, "Pad": 3}.get(ctx.op, 1)
+    return _needs_constant(ctx, index, "axes")
+
+
+@_rule("Squeeze", "Unsqueeze")
+def squeeze_axes_constant(ctx: NodeContext) -> list[Finding]:
+    """Squeeze: "`axes` must be an initializer"; Unsqueeze: "`axes` must be a constant tensor"."""
+    return _needs_constant(ctx, 1, "axes")
+
+
+@_rule("CumSum")
+def cumsum_axis(ctx: NodeContext) -> list[Finding]:
+    """"`axis` must be an initializer"."""
+    return _needs_constant(ctx, 1, "axis")
+
+
+@_rule("OneHot")
+def onehot_depth(ctx: NodeContext) -> list[Finding]:
+    """"`depth` must be a build-time constant"."""
+    return _needs_constant(ctx, 1, "depth")
+
+
+_RESIZE_ALLOWED = {
+    "coordinate_transformation_mode": ("half_pixel", ("half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn",
+                                                      "asymmetric", "align_corners")),
+    "mode": ("nearest", ("nearest", "linear")),
+    "nearest_mode": ("round_prefer_floor", ("floor", "ceil", "round_prefer_floor", "round_prefer_ceil")),
+    "keep_aspect_ratio_policy": ("stretch", ("stretch",)),
+}
+
+
+@_rule("Resize")
+def resize_modes(ctx: NodeContext) -> list[Finding]:
+    """"Supported resize transformation modes: `half_pixel`, `pytorch_half_pixel`, `tf_half_pixel_for_nn`,
+    `asymmetric`, and `align_corners`. Supported resize modes: `nearest`, `linear`. Supported nearest modes:
+    `floor`, `ceil`, `round_prefer_floor`, `round_prefer_ceil`. Supported aspect ratio policy: `stretch`. When
+    `scales` is a tensor input, `axes` must be an iota vector of length rank(input). Antialiasing is not
+    supported." (Unset attributes take their ONNX defaults.)"""
+    found = []
+    for name, (default, allowed) in _RESIZE_ALLOWED.items():
+        value = ctx.attr(name, default)
+        if value not in allowed:
+            found.append(ctx.error(f"uses {name}='{value}', which TensorRT does not support",
+                                   f"use one of {', '.join(allowed)}"))
+    if ctx.attr("antialias", 0):
+        found.append(ctx.error("sets antialias=1, which TensorRT does not support", "resize without antialiasing"))
+    return found + _resize_axes(ctx)
+
+
+def _resize_axes(ctx: NodeContext) -> list[Finding]:
+    axes = ctx.attr("axes")
+    if axes is None or not ctx.input(2):
+        return []
+    rank = ctx.rank(ctx.input(0))
+    if rank is None:
+        return [ctx.note(f"resizes by `scales` over axes {list(axes)} of an input of unknown rank",
+                         "make sure the axes are 0..rank-1 in order, as TensorRT requires")]
+    if list(axes) != list(range(rank)):
+        return [ctx.error(f"resizes by `scales` over axes {list(axes)}, but TensorRT needs all axes 0..{rank - 1}",
+                          "give a scale for every axis instead of the `axes` attribute")]
+    return []
+
+
+def _dilations_are_ones(ctx: NodeContext) -> list[Finding]:
+    dilations = list(ctx.attr("dilations", []))
+    if any(d != 1 for d in dilations):
+        return [ctx.error(f"uses dilations {dilations}, but TensorRT needs none or all ones",
+                          "remove the pooling dilation")]
+    return []
+
+
+def _pool_is_2d_or_3d(ctx: NodeContext) -> list[Finding]:
+    kernel = list(ctx.attr("kernel_shape", []))
+    if len(kernel) not in (2, 3):
+        return [ctx.error(f"pools over {len(kernel)} spatial dimension(s), but TensorRT pools only 2D or 3D",
+                          "reshape the input to 2D or 3D pooling")]
+    return []
+
+
+@_rule("MaxPool")
+def maxpool(ctx: NodeContext) -> list[Finding]:
+    """"2D or 3D pooling only. `Indices` output tensor unsupported. `dilations` must be empty or all ones"."""
+    found = _pool_is_2d_or_3d(ctx) + _dilations_are_ones(ctx)
+    if len(ctx.node.output) > 1 and ctx.node.output[1]:
+        found.append(ctx.error("asks for the `Indices` output, which TensorRT does not produce",
+                               "drop the indices (return_indices=False)"))
+    return found
+
+
+@_rule("AveragePool")
+def averagepool(ctx: NodeContext) -> list[Finding]:
+    """"2D or 3D Pooling only. `dilations` must be empty or all ones"."""
+    return _pool_is_2d_or_3d(ctx) + _dilations_are_ones(ctx)
+
+
+@_rule("LpPool")
+def lppool(ctx: NodeContext) -> list[Finding]:
+    """"`dilations` must be empty or all ones"."""
+    return _dilations_are_ones(ctx)
+
+
+@_rule("TopK")
+def topk(ctx: NodeContext) -> list[Finding]:
+    """"`sorted` must be 1. `K` input must be less than 3840." A K computed at run time is left as a note."""
+    found = []
+    if ctx.attr("sorted", 1) != 1:
+        found.append(ctx.error("sets sorted=0, which TensorRT does not support", "use sorted=1"))
+    k = ctx.constant(ctx.input(1)) if ctx.input(1) else _attr_array(ctx, "k")  # K was an attribute before opset 10
+    if k is None:
+        found.append(ctx.note("takes K at run time", "make sure K stays below 3840, TensorRT's limit"))
+    elif int(np.max(k)) >= 3840:
+        found.append(ctx.error(f"uses K={int(np.max(k))}, but TensorRT needs K < 3840", "lower K or split the top-k"))
+    return found
+
+
+def _attr_array(ctx: NodeContext, name: str) -> np.ndarray | None:
+    return np.asarray(ctx.attr(name)) if ctx.has_attr(name) else None
+
+
+@_rule("ScatterND")
+def scatternd(ctx: NodeContext) -> list[Finding]:
+    """"`reduction` is not supported" (only the default 'none' is accepted)."""
+    reduction = ctx.attr("reduction", "none")
+    if reduction != "none":
+        return [ctx.error(f"uses reduction='{reduction}', which TensorRT does not support",
+                          "scatter without a reduction or use a plugin")]
+    return []
+
+
+@_rule("If")
+def if_branches(ctx: NodeContext) -> list[Finding]:
+    """"Output tensors of the two conditional branches must have the same rank and must have different names"."""
+    then_branch, else_branch = ctx.attr("then_branch"), ctx.attr("else_branch")
+    if then_branch is None or else_branch is None:
+        return []
+    then_scope, else_scope = ctx.scope.child(then_branch), ctx.scope.child(else_branch)
+    found = []
+    for a, b in zip(then_branch.output, else_branch.output, strict=False):
+        if a.name == b.name:
+            found.append(ctx.error(f"has branch outputs both named '{a.name}'", "rename one branch's output"))
+        ra, rb = then_scope.shapes.get(a.name), else_scope.shapes.get(b.name)
+        if ra is not None and rb is not None and len(ra) != len(rb):
+            found.append(ctx.error(f"returns rank {len(ra)} from one branch and rank {len(rb)} from the other "
+                                   f"('{a.name}', '{b.name}')", "make both branches return tensors of one rank"))
+    return found
+
+
+@_rule("Constant")
+def constant_value(ctx: NodeContext) -> list[Finding]:
+    """"`sparse_value`, `value_string`, and `value_strings` attributes are unsupported"."""
+    bad = [name for name in ("sparse_value", "value_string", "value_strings") if ctx.has_attr(name)]
+    return [ctx.error(f"uses the `{name}` attribute, which TensorRT does not support", "use a dense numeric value")
+            for name in bad]
+
+
+@_rule("Dropout")
+def dropout(ctx: NodeContext) -> list[Finding]:
+    """"`is_traning` [sic] must be an initializer and evaluate to False"."""
+    name = ctx.input(2)
+    if not name:
+        return []
+    value = ctx.constant(name)
+    if value is None:
+        return _needs_constant(ctx, 2, "training_mode")
+    if bool(np.any(value)):
+        return [ctx.error("runs in training mode", "export the model in eval mode")]
+    return []
+
+
+@_rule("QuantizeLinear", "DequantizeLinear")
+def zero_point(ctx: NodeContext) -> list[Finding]:
+    """QuantizeLinear: "`y_zero_point` must be 0"; DequantizeLinear: "`x_zero_point` must be zero"."""
+    name = ctx.input(2)
+    if not name:
+        return []
+    value = ctx.constant(name)
+    if value is None:
+        return [ctx.note(f"takes its zero point '{name}' at run time", "make sure it is zero, as TensorRT requires")]
+    if bool(np.any(value != 0)):
+        return [ctx.error("has a non-zero zero point, but TensorRT quantizes symmetrically only",
+                          "re-quantize with zero points of 0")]
+    return []
+
+
+@_rule("LayerNormalization")
+def layernorm_outputs(ctx: NodeContext) -> list[Finding]:
+    """"Only the first output `Y` is supported"."""
+    if any(ctx.node.output[1:]):
+        return [ctx.error("asks for the Mean/InvStdDev outputs, which TensorRT does not produce",
+                          "use only the first output Y")]
+    return []
+
+
+@_rule("GridSample")
+def gridsample_4d(ctx: NodeContext) -> list[Finding]:
+    """"Input must be 4D input"."""
+    rank = ctx.rank(ctx.input(0))
+    if rank is None:
+        return [ctx.note("samples an input of unknown rank", "make sure it is 4D, as TensorRT requires")]
+    if rank != 4:
+        return [ctx.error(f"samples a {rank}D input, but TensorRT needs 4D", "reshape the input to 4D")]
+    return []
+
+
+@_rule("DeformConv")
+def deformconv(ctx: NodeContext) -> list[Finding]:
+    """"`input` must have 1D or 2D spatial dimensions. `pads` for the beginning and end along each spatial axis
+    must be the same"."""
+    found = []
+    rank = ctx.rank(ctx.input(0))
+    if rank is not None and rank not in (3, 4):
+        found.append(ctx.error(f"has {rank - 2} spatial dimensions, but TensorRT needs 1 or 2",
+                               "use a 1D or 2D deformable convolution"))
+    pads = list(ctx.attr("pads", []))
+    half = len(pads) // 2
+    if pads[:half] != pads[half:]:
+        found.append(ctx.error(f"pads asymmetrically ({pads}), but TensorRT needs equal begin and end pads",
+                               "use symmetric padding"))
+    return found
+
+
+@_rule("EyeLike")
+def eyelike_static(ctx: NodeContext) -> list[Finding]:
+    """"`input` must have static dimensions"."""
+    shape = ctx.scope.shapes.get(ctx.input(0))
+    if shape is None:
+        return [ctx.note("takes an input of unknown shape", "make sure its dimensions are static")]
+    if not all(isinstance(d, int) and d > 0 for d in shape):
+        return [ctx.error(f"takes an input of dynamic shape {list(shape)}, but TensorRT needs static dimensions",
+                          "fix the input's shape at export")]
+    return []
+
+
+@_rule("Hardmax")
+def hardmax_axis(ctx: NodeContext) -> list[Finding]:
+    """"`axis` dimension of input must be a build-time constant"."""
+    shape = ctx.scope.shapes.get(ctx.input(0))
+    if shape is None:
+        return [ctx.note("takes an input of unknown shape", "make sure the `axis` dimension is static")]
+    axis = ctx.attr("axis", -1)
+    dim = shape[axis] if -len(shape) <= axis < len(shape) else None
+    if not (isinstance(dim, int) and dim > 0):
+        return [ctx.error("reduces over a dynamic dimension, but TensorRT needs it fixed at build time",
+                          "fix that dimension at export")]
+    return []
+
+
+@_rule("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike")
+def random_seed(ctx: NodeContext) -> list[Finding]:
+    """"`seed` value is ignored by TensorRT" (a note only when a seed is set)."""
+    if ctx.has_attr("seed"):
+        return [ctx.note("sets a seed, which TensorRT ignores", "do not rely on reproducible random values")]
+    return []
+
+
+_DIRECTIONS = {"LSTM": 3, "GRU": 2, "RNN": 1}
+"""Activation functions per direction of each recurrent op."""
+
+
+@_rule("LSTM", "GRU", "RNN")
+def recurrent(ctx: NodeContext) -> list[Finding]:
+    """"For bidirectional LSTMs [GRUs, RNNs], activation functions must be the same for both the forward and
+    reverse pass." LSTM also: "`input_forget` attribute must be 0. `layout` attribute must be 0"."""
+    found = []
+    activations = [a.decode() if isinstance(a, bytes) else a for a in ctx.attr("activations", [])]
+    per = _DIRECTIONS[ctx.op]
+    if ctx.attr("direction", "forward") == "bidirectional" and activations[:per] != activations[per : 2 * per]:
+        found.append(ctx.error("uses different activations forward and backward", "use the same activations"))
+    if ctx.op == "LSTM":
+        for name in ("input_forget", "layout"):
+            if ctx.attr(name, 0) != 0:
+                found.append(ctx.error(f"sets {name}={ctx.attr(name)}, but TensorRT needs 0", f"export with {name}=0"))
+    return found
+
+
+# --------------------------------------------------------------------------- #
+# Linting
+# --------------------------------------------------------------------------- #
+
+_DATA_TENSORS: dict[str, tuple[tuple[str, int], ...]] = {
+    "Where": (("input", 1),),
+    "Cast": (("input", 0), ("output", 0)),
+    "CastLike": (("input", 0), ("output", 0)),
+    "ConstantOfShape": (("output", 0),),
+}
+"""Which tensors carry an op's element type, where that is not simply the first input (see `_check_types`)."""
+
+
+def _check_types(ctx: NodeContext, op: OpFacts) -> list[Finding]:
+    """The op's data tensor must have one of the op's listed types.
+
+    The matrix gives one type list per op, and for nearly every op it describes the first input, the data input
+    (later inputs are often shape or index tensors: Reshape's shape, Gather's indices, Slice's starts). So the
+    first input is checked, or the first output for ops without inputs (Constant, RandomNormal); Where checks
+    its X (input 1, the condition being BOOL), ConstantOfShape its output (its input is the shape), and
+    Cast/CastLike both sides. A tensor whose type is not known after shape inference is skipped.
+    """
+    default = (("input", 0),) if ctx.node.input else (("output", 0),)
+    found = []
+    for side, index in _DATA_TENSORS.get(ctx.op, default):
+        names = ctx.node.input if side == "input" else ctx.node.output
+        name = names[index] if index < len(names) else ""
+        type_name = _type_name(ctx.scope.types.get(name)) if name else None
+        if type_name is None or type_name in op.types:
+            continue
+        allowed = "/".join(sorted(op.types)) or "no type"
+        fix = "cast it to a supported type before the node" if side == "input" else "make it emit a supported type"
+        found.append(ctx.finding(
+            ERROR, TYPE,
+            f"node '{ctx.label}' ({ctx.op}) has {side} '{name}' of type {type_name}, but TensorRT supports "
+            f"{ctx.op} only for {allowed}; {fix}.",
+        ))
+    return found
+
+
+def _type_name(elem_type: int | None) -> str | None:
+    if not elem_type:
+        return None
+    return _TYPE_NAMES.get(elem_type, TensorProto.DataType.Name(elem_type))
+
+
+def _check_op(ctx: NodeContext, facts: OperatorFacts) -> list[Finding]:
+    """Is the op importable at all; if so, its types and mechanically checkable restrictions."""
+    node, version = ctx.node, facts.tensorrt_version
+    if node.domain not in DEFAULT_DOMAINS:
+        return [_custom_op_finding(ctx)]
+    op = facts.operators.get(node.op_type)
+    if op is None:
+        return [ctx.finding(ERROR, UNKNOWN_OP,
+                            f"node '{ctx.label}' uses {node.op_type}, which TensorRT {version}'s ONNX parser does "
+                            "not know; decompose it into supported ops or provide a TensorRT plugin of that name.")]
+    if not op.supported:
+        return [ctx.finding(ERROR, UNSUPPORTED_OP,
+                            f"node '{ctx.label}' uses {node.op_type}, which TensorRT {version}'s ONNX parser does "
+                            "not support; decompose it into supported ops or provide a TensorRT plugin of that name.")]
+    rule = RULES.get(node.op_type)
+    return _check_types(ctx, op) + (rule(ctx) if rule else [])
+
+
+def _custom_op_finding(ctx: NodeContext) -> Finding:
+    """A custom-domain node is imported only through a plugin found by op name, version and namespace."""
+    node = ctx.node
+    version = ctx.attr("plugin_version", "1")
+    namespace = ctx.attr("plugin_namespace", node.domain)
+    return Finding(
+        ctx.stage, ctx.label, f"{node.domain}::{node.op_type}", ERROR,
+        f"node '{ctx.label}' is the custom op {node.domain}::{node.op_type}, which TensorRT imports only through "
+        f"a plugin registered as '{node.op_type}' (version {version}, namespace '{namespace}'); load that plugin "
+        "when building the engine or export the op's portable decomposition instead.",
+        CUSTOM_OP,
+    )
+
+
+def _walk(graph: onnx.GraphProto, scope: _Scope, stage: str, prefix: str = "") -> Iterator[NodeContext]:
+    """Every node, including those in If/Loop/Scan bodies (TensorRT parses those too), with its scope."""
+    for index, node in enumerate(graph.node):
+        label = prefix + (node.name or f"{node.op_type}#{index}")
+        yield NodeContext(node, stage, label, scope)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                yield from _walk(sub, scope.child(sub), stage, f"{label}/{attr.name}/")
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference for element types of intermediate tensors; a model it cannot handle is linted as is."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is best effort: unknown types are skipped, not guessed
+        return model
+
+
+def _check_opset(model: onnx.ModelProto, facts: OperatorFacts, stage: str) -> list[Finding]:
+    versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
+    what = f"stage '{stage}'" if stage else "the model"
+    return [
+        Finding(stage, "", "", ERROR,
+                f"{what} uses ONNX opset {v}, outside TensorRT {facts.tensorrt_version}'s supported "
+                f"{facts.opset_min}-{facts.opset_max}; re-export with an opset in that range.", OPSET)
+        for v in versions
+        if not facts.opset_min <= v <= facts.opset_max
+    ]
+
+
+def _scan(model: onnx.ModelProto, facts: OperatorFacts, stage: str) -> tuple[list[Finding], list[NodeContext]]:
+    """Errors and rule findings of one model, plus its default-domain nodes (for the once-per-op notes)."""
+    model = _infer(model)
+    findings = _check_opset(model, facts, stage)
+    scope = _Scope()
+    scope.add_graph(model.graph)
+    nodes = []
+    for ctx in _walk(model.graph, scope, stage):
+        findings += _check_op(ctx, facts)
+        if ctx.node.domain in DEFAULT_DOMAINS:
+            nodes.append(ctx)
+    return findings, nodes
+
+
+def _restriction_notes(nodes: list[NodeContext], facts: OperatorFacts) -> list[Finding]:
+    """Restriction text no rule checks, once per op, at its first node, with how many nodes it concerns."""
+    by_op: dict[str, list[NodeContext]] = {}
+    for ctx in nodes:
+        op = facts.operators.get(ctx.op)
+        if op is not None and op.supported and op.restrictions and ctx.op not in RULES:
+            by_op.setdefault(ctx.op, []).append(ctx)
+    notes = []
+    for name, ctxs in by_op.items():
+        first, others = ctxs[0], len(ctxs) - 1
+        where = f"node '{first.label}'" + (f" and {others} other {name} node(s)" if others else "")
+        notes.append(first.finding(
+            NOTE, CHECK_BY_HAND,
+            f"{where} ({name}): TensorRT restricts {name} (\"{facts.operators[name].restrictions}\"), which the "
+            "lint cannot check; confirm it by hand before building an engine.",
+        ))
+    return notes
+
+
+def lint_model(model: onnx.ModelProto, facts: OperatorFacts | None = None, stage: str = "") -> list[Finding]:
+    """Every finding for one ONNX model (errors, rule findings, and unchecked restrictions once per op)."""
+    facts = facts or load_operator_facts()
+    findings, nodes = _scan(model, facts, stage)
+    return findings + _restriction_notes(nodes, facts)
+
+
+def lint_package(package_dir: str | Path, target: str = "trt", facts: OperatorFacts | None = None) -> LintReport:
+    """Lint every stage of a package for `target` (only "trt", TensorRT's ONNX parser, for now)."""
+    if target not in TARGETS:
+        raise LintError(f"unknown lint target '{target}'; use one of: {', '.join(TARGETS)}.")
+    package_dir = Path(package_dir)
+    manifest = load_manifest(package_dir)
+    facts = facts or load_operator_facts()
+    findings: list[Finding] = []
+    nodes: list[NodeContext] = []
+    for stage in manifest.stages:
+        stage_findings, stage_nodes = _scan(_load_stage(package_dir, stage.onnx), facts, stage.name)
+        findings += stage_findings
+        nodes += stage_nodes
+    return LintReport(
+        package=str(package_dir),
+        target=target,
+        tensorrt_version=facts.tensorrt_version,
+        opset_range=(facts.opset_min, facts.opset_max),
+        findings=findings + _restriction_notes(nodes, facts),
+    )
+
+
+def _load_stage(package_dir: Path, relative: str) -> onnx.ModelProto:
+    path = package_dir / relative
+    try:
+        return onnx.load(path)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ... depending on how the file is broken
+        raise PackageError(f"{path} is not a readable ONNX model ({exc}); re-export the package.") from exc

@@ -37,3 +37,7 @@ class VerificationError(DyncError):
 
 class LintError(DyncError):
     """A deployment lint cannot run: unknown target or unreadable operator facts."""
+
+
+class PluginError(DyncError):
+    """A plugin op is unknown, registered twice, or lacks the face a caller needs."""

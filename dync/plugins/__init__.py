@@ -1,0 +1,111 @@
+"""The plugin-op registry: one record per dynamic op, holding every face the op has.
+
+Exporter, runtime and backends look ops up here and nowhere else (DESIGN.md, "Plugin ops"). A face an op
+lacks is `None`, and `faces(name)` says which exist, so a backend can pick the portable decomposition where
+the TensorRT plugin or the Triton kernel is missing. Op modules register themselves on import; importing
+this package imports only the op modules listed in `_OP_MODULES`, whose heavy imports (onnx, triton,
+tensorrt) are made inside the functions that need them, so `import dync.plugins` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+from dync.errors import PluginError
+
+__all__ = ["FACES", "PluginError", "PluginOp", "faces", "get", "names", "register"]
+
+FACES = ("reference", "emit_onnx", "decompose_onnx", "cpu_fast", "triton", "tensorrt")
+
+_OP_MODULES = ("dync.plugins.gather_scatter",)
+
+
+@dataclass(frozen=True)
+class PluginOp:
+    """Every face of one dynamic op; ONNX nodes are `domain`-qualified, TensorRT plugins `namespace`-qualified.
+
+    reference: PyTorch semantics (a `torch.library` custom op, so capture keeps it as one node).
+    emit_onnx: builds the custom-domain node carrying `plugin_version`/`plugin_namespace` for TensorRT.
+    decompose_onnx: builds the same computation from standard ONNX ops (runs on any runtime).
+    cpu_fast: a faster CPU path where the decomposition is slow.
+    triton: launches the GPU kernel.
+    tensorrt: registers the op with `tensorrt.plugin` (shape function and AOT Triton kernel).
+    """
+
+    name: str
+    domain: str = "dync"
+    version: str = "1"
+    namespace: str = ""
+    reference: Callable[..., Any] | None = None
+    emit_onnx: Callable[..., Any] | None = None
+    decompose_onnx: Callable[..., Any] | None = None
+    cpu_fast: Callable[..., Any] | None = None
+    triton: Callable[..., Any] | None = None
+    tensorrt: Callable[..., Any] | None = None
+
+    @property
+    def plugin_id(self) -> str:
+        """The `namespace::name` id `tensorrt.plugin` registers the plugin under (the domain if no namespace)."""
+        return f"{self.namespace or self.domain}::{self.name}"
+
+    def face(self, face: str) -> Callable[..., Any]:
+        """The named face, or a PluginError saying the op lacks it (callers then fall back)."""
+        if face not in FACES:
+            raise PluginError(f"Unknown plugin face {face!r}; the faces are {', '.join(FACES)}.")
+        impl = getattr(self, face)
+        if impl is None:
+            raise PluginError(
+                f"Plugin op {self.name} has no {face} face; it has {', '.join(self.present_faces())}."
+            )
+        return impl
+
+    def present_faces(self) -> tuple[str, ...]:
+        """The faces this op has, in the order of FACES."""
+        return tuple(f.name for f in fields(self) if f.name in FACES and getattr(self, f.name) is not None)
+
+
+_REGISTRY: dict[str, PluginOp] = {}
+_loaded = False
+
+T = TypeVar("T", bound=PluginOp)
+
+
+def register(op: T) -> T:
+    """Add an op record; a second record under the same name is an error, since lookups must be unambiguous."""
+    if op.name in _REGISTRY and _REGISTRY[op.name] != op:
+        raise PluginError(f"Plugin op {op.name} is already registered; give the new op another name.")
+    _REGISTRY[op.name] = op
+    return op
+
+
+def _load_builtin_ops() -> None:
+    """Import the bundled op modules once, so that they register their records."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _OP_MODULES:
+            importlib.import_module(module)
+
+
+def get(name: str) -> PluginOp:
+    """The record of op `name`, or a PluginError naming the known ops."""
+    _load_builtin_ops()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise PluginError(f"Unknown plugin op {name!r}; the known plugin ops are: {known}.") from None
+
+
+def faces(name: str) -> tuple[str, ...]:
+    """Which faces op `name` has, e.g. ('reference', 'emit_onnx', 'decompose_onnx', 'triton')."""
+    return get(name).present_faces()
+
+
+def names() -> tuple[str, ...]:
+    """Every registered op name, sorted."""
+    _load_builtin_ops()
+    return tuple(sorted(_REGISTRY))

@@ -1,0 +1,54 @@
+"""The TensorRT plugin of GatherPatches, written against `tensorrt.plugin` (Quickly Deployable Plugins).
+
+Imported only by `gather_scatter.register_tensorrt`, since importing it loads tensorrt and triton. There is
+deliberately no `from __future__ import annotations` here: `tensorrt.plugin` reads the annotations of the
+decorated functions as classes (`issubclass(annotation, TensorDesc)`), so they must not be strings.
+ScatterAddPatches has no TensorRT plugin yet: one kernel can only add into an output aliased to `base`,
+which is untested with AOT plugins here, so TensorRT runs its portable decomposition instead.
+"""
+
+import tensorrt as trt
+import tensorrt.plugin as trtp
+
+from dync.errors import PluginError
+from dync.plugins.gather_scatter import BLOCK_C, compile_gather_kernel, gather_patches_shape
+
+_registered: set[str] = set()
+
+_TRITON_DTYPES = {trt.float32: "fp32", trt.float16: "fp16"}
+
+
+def _triton_dtype(dtype: trt.DataType) -> str:
+    """Triton's pointer type name for a TensorRT data type the kernel supports."""
+    if dtype not in _TRITON_DTYPES:
+        raise PluginError(f"GatherPatches' TensorRT plugin supports float32 and float16, not {dtype}.")
+    return _TRITON_DTYPES[dtype]
+
+
+def gather_patches_desc(x: trtp.TensorDesc, index: trtp.TensorDesc, patch: int, halo: int) -> trtp.TensorDesc:
+    """Output [M, C, S+2h, S+2h] in x's dtype, as shape expressions (M and C may be dynamic)."""
+    return trtp.from_shape_expr(gather_patches_shape(x.shape_expr, index.shape_expr, patch, halo), dtype=x.dtype)
+
+
+def gather_patches_aot(
+    x: trtp.TensorDesc, index: trtp.TensorDesc, patch: int, halo: int, outputs: tuple[trtp.TensorDesc], tactic: int
+) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+    """The Triton gather kernel compiled to PTX, launched on a (M, ceil(C / BLOCK_C)) grid."""
+    kernel = compile_gather_kernel(_triton_dtype(x.dtype), patch, halo)
+    dims = x.shape_expr
+    params = trtp.KernelLaunchParams()
+    params.grid_x = index.shape_expr[0]
+    params.grid_y = trtp.cdiv(dims[1], BLOCK_C)
+    params.block_x = kernel.metadata.num_warps * 32
+    params.shared_mem = kernel.metadata.shared
+    scalars = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (dims[1], dims[2], dims[3], patch, halo)])
+    return kernel.metadata.name.encode(), kernel.asm["ptx"].encode(), params, scalars
+
+
+def register(plugin_id: str) -> None:
+    """Register the shape function and the AOT implementation under `plugin_id`, once per process."""
+    if plugin_id in _registered:
+        return
+    trtp.register(plugin_id)(gather_patches_desc)
+    trtp.aot_impl(plugin_id)(gather_patches_aot)
+    _registered.add(plugin_id)

@@ -282,7 +282,22 @@ def _shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
 
-class MaskedBottleneck(nn.Module):
+class _BottleneckLayers(nn.Module):
+    """The dense layers every ResNet bottleneck variant here shares: three convs with BN, and the shortcut."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = _shortcut(cin, cout, stride)
+
+
+class MaskedBottleneck(_BottleneckLayers):
     """LASNet / LAUDNet spatial (or layer-skipping) ResNet bottleneck, eval semantics.
 
     ``conv1 1x1 -> bn1 -> relu -> conv2 3x3/stride -> bn2 -> relu -> conv3 1x1 -> bn3``,
@@ -305,17 +320,9 @@ class MaskedBottleneck(nn.Module):
         mask_groups: int = 1,
         masker: Literal["lasnet", "dynconv"] = "lasnet",
     ) -> None:
-        super().__init__()
         if cout % mask_groups:
             raise ValueError(f"cout={cout} is not a multiple of mask_groups={mask_groups}")
-        self.stride = stride
-        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.downsample = _shortcut(cin, cout, stride)
+        super().__init__(cin, mid, cout, stride)
         self.masker: nn.Module = (
             SpatialMasker(cin, mask_groups, mask_size, patch) if masker == "lasnet" else DynConvMasker(cin, stride)
         )
@@ -339,7 +346,7 @@ class MaskedBottleneck(nn.Module):
         return F.relu(out + identity)
 
 
-class ChannelMaskedBottleneck(nn.Module):
+class ChannelMaskedBottleneck(_BottleneckLayers):
     """LAUDNet channel-skipping ResNet bottleneck, eval semantics.
 
     One per-sample mask over ``mid // group_size`` contiguous channel groups of the
@@ -360,17 +367,9 @@ class ChannelMaskedBottleneck(nn.Module):
         masker: Literal["mlp", "conv_linear"] = "mlp",
         reduction: int = 16,
     ) -> None:
-        super().__init__()
         if mid % group_size:
             raise ValueError(f"mid={mid} is not a multiple of group_size={group_size}")
-        self.stride = stride
-        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.downsample = _shortcut(cin, cout, stride)
+        super().__init__(cin, mid, cout, stride)
         self.masker = ChannelMasker(cin, mid // group_size, masker, reduction)
 
     def compute_mask(self, x: Tensor) -> Tensor:

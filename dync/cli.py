@@ -71,8 +71,10 @@ def main() -> None:
 @click.option("--input-shape", callback=_parse_shape, help="Example input shape, batch first (default 16x3x32x32).")
 @click.option("--exits", callback=_parse_exits, help="Forward outputs to use as exits, in compute order, e.g. 0,2,4.")
 @click.option("--name", help="Package name (default: the output directory's name).")
+@click.option("--lower-spatial", is_flag=True,
+              help="Run LASNet-style masked bottlenecks as gather-scatter (pays off at low mask density).")
 def export(model: Path, output: Path, input_shape: list[int] | None, exits: list[int] | None,
-           name: str | None) -> None:
+           name: str | None, lower_spatial: bool) -> None:
     """Export MODEL (torch.save'd module, TorchScript or .pt2) to a .dync package.
 
     Loading a pickled module runs code from the file: only export models you trust.
@@ -80,7 +82,8 @@ def export(model: Path, output: Path, input_shape: list[int] | None, exits: list
     from dync.exporter import DEFAULT_INPUT_SHAPE
     from dync.exporter import export as run_export
 
-    run_export(model, output, input_shape or DEFAULT_INPUT_SHAPE, exits=exits, name=name, progress=_progress)
+    run_export(model, output, input_shape or DEFAULT_INPUT_SHAPE, exits=exits, name=name, progress=_progress,
+               lower_spatial=lower_spatial)
     _print_summary(output)
 
 

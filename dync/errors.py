@@ -41,3 +41,7 @@ class LintError(DyncError):
 
 class PluginError(DyncError):
     """A plugin op is unknown, registered twice, or lacks the face a caller needs."""
+
+
+class SpatialLoweringError(DyncError):
+    """The model cannot go through the spatial lowering pass at all (not a per-block ineligibility)."""

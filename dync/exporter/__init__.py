@@ -17,6 +17,7 @@ from dync.errors import DyncError
 from dync.exporter.capture import capture
 from dync.exporter.loading import eval_mode, load_model
 from dync.exporter.partition import Stage, partition
+from dync.exporter.passes import lower_masked_bottlenecks
 from dync.exporter.probe import Probe, probe_graph
 from dync.package import (
     BATCH_DIM,
@@ -42,8 +43,13 @@ def export(
     exits: Sequence[int] | None = None,
     name: str | None = None,
     progress: Progress | None = None,
+    lower_spatial: bool = False,
 ) -> Path:
-    """Export `model` (a module or a model file) to the package directory `output` and return its path."""
+    """Export `model` (a module or a model file) to the package directory `output` and return its path.
+
+    `lower_spatial` turns LASNet-style masked bottlenecks into gather-scatter execution (exact; faster than
+    dense only at low mask density until the measured dense/sparse crossover exists, hence opt-in).
+    """
     report = progress or (lambda message: None)
     input_shape = _checked_shape(input_shape)
     example = torch.randn(max(input_shape[0], 2), *input_shape[1:])
@@ -54,6 +60,8 @@ def export(
     eval_mode(model)
     report("capturing the forward with torch.export")
     captured = capture(model, example, exits)
+    if lower_spatial:
+        captured.model = _lower_spatial(captured.model, report)
     report(f"probing {len(captured.model.graph.node)} nodes for batched tensors")
     probe = probe_graph(captured.model, captured.input_name, tuple(input_shape[1:]))
     report(f"partitioning into {len(captured.exit_names)} stage(s)")
@@ -64,6 +72,15 @@ def export(
     _write_package(output, manifest, stages)
     report(f"wrote {output}")
     return output
+
+
+def _lower_spatial(model: onnx.ModelProto, report: Progress) -> onnx.ModelProto:
+    lowered, blocks = lower_masked_bottlenecks(model)
+    for block in blocks:
+        report(f"masked bottleneck {block.node}: {'lowered to gather-scatter' if block.lowered else block.reason}")
+    if not blocks:
+        report("no masked bottleneck found; the graph is unchanged")
+    return lowered
 
 
 def _checked_shape(shape: Sequence[int]) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ Reported per setting, all as ratios of medians measured in interleaved rounds:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -43,7 +43,10 @@ class BenchReport:
         return asdict(self)
 
 
-def static_baseline(engine: Engine):
+StaticRun = Callable[[np.ndarray], list[np.ndarray]]
+
+
+def static_baseline(engine: Engine) -> StaticRun:
     """A callable running the merged full graph under the engine's own session settings."""
     settings = getattr(engine.backend, "settings", OrtSettings())
     session = session_from_onnx(merged_static_model(engine.package_dir, engine.manifest), settings)
@@ -51,9 +54,10 @@ def static_baseline(engine: Engine):
     return lambda x: session.run(None, {input_name: x})
 
 
-def spreading_thresholds(engine: Engine, x: np.ndarray) -> np.ndarray:
-    """Thresholds sending an equal share of `x` to each exit, for packages that carry none."""
-    outputs = static_baseline(engine)(x)
+def spreading_thresholds(engine: Engine, x: np.ndarray, full: StaticRun | None = None) -> np.ndarray:
+    """Thresholds sending an equal share of `x` to each exit, for packages that carry none; `full` reuses a
+    static baseline already built."""
+    outputs = (full or static_baseline(engine))(x)
     return even_split_thresholds([e.criterion for e in engine.manifest.exits], outputs)
 
 
@@ -79,10 +83,10 @@ def bench(
     source = "given" if thresholds is not None else "package"
     if thresholds is None:
         thresholds = engine.manifest.thresholds
-    if thresholds is None:
-        thresholds, source = spreading_thresholds(engine, x), "even split of this data"
-    resolved = resolve_thresholds(thresholds, engine.num_exits)
     full = static_baseline(engine)
+    if thresholds is None:
+        thresholds, source = spreading_thresholds(engine, x, full), "even split of this data"
+    resolved = resolve_thresholds(thresholds, engine.num_exits)
     variants = {"static": lambda: full(x), "dync": lambda: engine.execute(x, resolved)}
     for k in range(engine.num_exits):
         forced = forcing_thresholds(k, engine.num_exits)

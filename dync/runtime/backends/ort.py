@@ -4,8 +4,8 @@ Session options are explicit (threads, graph optimization level, spinning) so th
 and the static baseline under identical settings and can print them.
 
 Spinning is off by default: each stage session owns an intra-op thread pool, and pools that spin-wait after
-their stage finishes steal the cores the next stage's pool needs (measured on 2 cores: forcing every sample
-through 7 stages cost 12% over the single static session with spinning on, 2% with it off).
+their stage finishes steal the cores the next stage's pool needs (on 2 cores this dominated batch-1
+latency through 7 stages).
 """
 
 from __future__ import annotations

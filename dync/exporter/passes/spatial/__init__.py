@@ -1,0 +1,93 @@
+"""Lower LASNet-style masked bottlenecks to gather-scatter execution.
+
+`match.py` finds the blocks (`Relu(Add(Mul(conv chain, binary mask), shortcut))`, see
+`docs/spatial_lowering.md`); each block is emitted in one of two forms, chosen by `ops`:
+
+* `portable` (the default, for onnxruntime): `rows.py`, standard ONNX ops, the whole block inside an `If`
+  that runs the dense original when the batch's mask density is above the block's crossover;
+* `plugins` (for TensorRT): `patches.py`, `dync::GatherPatches` / `dync::ScatterAddPatches` nodes.
+
+Blocks that fail a check stay dense and get a `LoweringReport` naming the node and the reason.
+`crossover.py` measures each block's crossover density on this machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from dync.errors import SpatialLoweringError
+from dync.exporter.passes.spatial.graph import restore_metadata
+from dync.exporter.passes.spatial.match import Block, Ineligible, candidates, match
+from dync.exporter.passes.spatial.patches import emit_patches
+from dync.exporter.passes.spatial.rows import emit_rows
+
+__all__ = ["OPS", "LoweringReport", "SpatialLoweringError", "lower_masked_bottlenecks"]
+
+OPS = ("portable", "plugins")
+MIN_OPSET = 16  # ScatterND reduction="add" needs opset 16
+ALWAYS_SPARSE = 1.0  # a crossover density no batch exceeds: the lowered form always runs
+
+
+@dataclass(frozen=True)
+class LoweringReport:
+    """What the pass did with one `Relu(Add(Mul(.), .))` candidate, named by its final Relu node."""
+
+    node: str
+    lowered: bool
+    reason: str
+    crossover: float | None = None
+
+
+def lower_masked_bottlenecks(
+    model: onnx.ModelProto, ops: str = "portable", crossover: float | Mapping[str, float] = ALWAYS_SPARSE
+) -> tuple[onnx.ModelProto, list[LoweringReport]]:
+    """Lower every eligible masked bottleneck of `model`; returns the new model and one report per candidate.
+
+    Precondition: `model` is an ONNX model (default-domain opset >= 16) as `torch.onnx.export(dynamo=True)`
+    writes it, BatchNorms folded into conv biases. Guarantee: graph inputs and outputs (names, shapes, the
+    dynamic batch dim) are unchanged and every output equals the input model's up to float summation
+    order. `crossover` (portable form only) is the mask density above which a block runs dense, one value
+    or one per block name (missing names get ALWAYS_SPARSE). `model` itself is not modified.
+    """
+    if ops not in OPS:
+        raise SpatialLoweringError(f"Unknown spatial ops form {ops!r}; use one of {', '.join(OPS)}.")
+    _check_opset(model)
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    nonnegative = {t.name for node in graph.nodes if node.op == "Relu" for t in node.outputs}
+    reports = []
+    for relu in list(candidates(graph)):
+        try:
+            block = match(relu)
+            value = _crossover_for(block, crossover)
+            if ops == "plugins":
+                emit_patches(graph, block)
+            else:
+                emit_rows(graph, block, value, block.shortcut.name in nonnegative)
+        except Ineligible as why:
+            reports.append(LoweringReport(relu.name, False, str(why)))
+            continue
+        reports.append(LoweringReport(relu.name, True, f"lowered ({ops})", value if ops == "portable" else None))
+    graph.cleanup().toposort()
+    lowered = gs.export_onnx(graph)
+    restore_metadata(lowered, model)
+    return lowered, reports
+
+
+def _crossover_for(block: Block, crossover: float | Mapping[str, float]) -> float:
+    value = crossover.get(block.name, ALWAYS_SPARSE) if isinstance(crossover, Mapping) else crossover
+    assert 0.0 <= value <= 1.0, value
+    return float(value)
+
+
+def _check_opset(model: onnx.ModelProto) -> None:
+    """Reject models whose default-domain opset is too old for the lowered forms' ops."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version < MIN_OPSET:
+        raise SpatialLoweringError(
+            f"Spatial lowering needs default-domain opset >= {MIN_OPSET}, the model has {version}; "
+            f"re-export it with opset_version={MIN_OPSET} or later."
+        )

@@ -59,6 +59,19 @@ def _load_array(path: Path) -> np.ndarray:
         raise InputError(f"{path} is not a .npy array file ({exc}); save the batch with numpy.save.") from exc
 
 
+def _parse_crossover(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
+    """'auto' (None: measure) or a density in [0, 1]."""
+    if value == "auto":
+        return None
+    try:
+        density = float(value)
+    except ValueError:
+        density = -1.0
+    if not 0.0 <= density <= 1.0:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a density between 0 and 1, e.g. 0.5.")
+    return density
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="dync")
 def main() -> None:
@@ -71,10 +84,14 @@ def main() -> None:
 @click.option("--input-shape", callback=_parse_shape, help="Example input shape, batch first (default 16x3x32x32).")
 @click.option("--exits", callback=_parse_exits, help="Forward outputs to use as exits, in compute order, e.g. 0,2,4.")
 @click.option("--name", help="Package name (default: the output directory's name).")
-@click.option("--lower-spatial", is_flag=True,
-              help="Run LASNet-style masked bottlenecks as gather-scatter (pays off at low mask density).")
+@click.option("--lower-spatial/--no-lower-spatial", default=True, show_default=True,
+              help="Run LASNet-style masked bottlenecks as gather-scatter, exact against eager.")
+@click.option("--ops", type=click.Choice(["portable", "plugins"]), default="portable", show_default=True,
+              help="portable: standard ONNX (onnxruntime); plugins: dync:: nodes for TensorRT's plugins.")
+@click.option("--spatial-crossover", callback=_parse_crossover, default="auto", show_default=True,
+              help="Mask density above which a lowered block runs dense: 'auto' measures it per block here.")
 def export(model: Path, output: Path, input_shape: list[int] | None, exits: list[int] | None,
-           name: str | None, lower_spatial: bool) -> None:
+           name: str | None, lower_spatial: bool, ops: str, spatial_crossover: float | None) -> None:
     """Export MODEL (torch.save'd module, TorchScript or .pt2) to a .dync package.
 
     Loading a pickled module runs code from the file: only export models you trust.
@@ -83,7 +100,7 @@ def export(model: Path, output: Path, input_shape: list[int] | None, exits: list
     from dync.exporter import export as run_export
 
     run_export(model, output, input_shape or DEFAULT_INPUT_SHAPE, exits=exits, name=name, progress=_progress,
-               lower_spatial=lower_spatial)
+               lower_spatial=lower_spatial, ops=ops, spatial_crossover=spatial_crossover)
     _print_summary(output)
 
 

@@ -43,6 +43,7 @@ def describe(package: str | Path) -> dict[str, Any]:
         ],
         "thresholds": manifest.thresholds,
         "custom_ops": manifest.custom_ops,
+        "spatial": manifest.spatial,
         "verification": manifest.verification,
         "provenance": manifest.provenance,
     }
@@ -63,6 +64,10 @@ def format_description(description: dict[str, Any]) -> str:
     thresholds = description["thresholds"]
     stored = thresholds if thresholds is not None else "none stored (every sample runs to the last exit)"
     lines += ["", f"thresholds: {stored}"]
+    lines += _spatial_lines(description["spatial"])
+    if description["custom_ops"]:
+        ops = ", ".join(f"{o['op']} (without its plugin: {o['fallback']})" for o in description["custom_ops"])
+        lines.append(f"custom ops: {ops}")
     verification = description["verification"]
     if verification:
         status = "passed" if verification["passed"] else "FAILED"
@@ -71,3 +76,17 @@ def format_description(description: dict[str, Any]) -> str:
     else:
         lines.append("verification: not run (dync verify PKG --model MODEL)")
     return "\n".join(lines)
+
+
+def _spatial_lines(blocks: list[dict[str, Any]]) -> list[str]:
+    """One line per masked bottleneck the spatial pass saw: lowered (with its crossover) or why not."""
+    if not blocks:
+        return []
+    lowered = sum(b["lowered"] for b in blocks)
+    lines = [f"masked bottlenecks: {lowered} of {len(blocks)} lowered to gather-scatter"]
+    for b in blocks:
+        if not b["lowered"]:
+            lines.append(f"  {b['node']}: dense, {b['reason']}")
+        elif b["crossover"] is not None:
+            lines.append(f"  {b['node']}: runs dense when the batch's mask density is above {b['crossover']:.0%}")
+    return lines

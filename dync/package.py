@@ -59,6 +59,9 @@ class Manifest:
     """Everything about a package except the ONNX bytes.
 
     `exit_selection` is the `--exits` choice (indices into the forward's outputs), None for all of them.
+    `spatial` has one record per masked bottleneck the spatial pass looked at: node, lowered, reason, and the
+    crossover density above which the block runs dense. `custom_ops` lists the `dync::` ops the stages use
+    and the fallback a backend without their plugin takes.
     """
 
     name: str
@@ -68,6 +71,7 @@ class Manifest:
     provenance: dict[str, Any]
     exit_selection: list[int] | None = None
     custom_ops: list[dict[str, Any]] = field(default_factory=list)
+    spatial: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     format: str = FORMAT_NAME
@@ -134,6 +138,7 @@ def _manifest_from_json(raw: Any, path: Path) -> Manifest:
             provenance=raw["provenance"],
             exit_selection=raw.get("exit_selection"),
             custom_ops=raw.get("custom_ops", []),
+            spatial=raw.get("spatial", []),
             verification=raw.get("verification"),
             calibration=raw.get("calibration"),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import shutil
@@ -17,8 +18,12 @@ from dync.errors import DyncError
 from dync.exporter.capture import capture
 from dync.exporter.loading import eval_mode, load_model
 from dync.exporter.partition import Stage, partition
-from dync.exporter.passes import lower_masked_bottlenecks
+from dync.exporter.passes import LoweringReport, lower_masked_bottlenecks
+from dync.exporter.passes.spatial import ALWAYS_SPARSE
+from dync.exporter.passes.spatial import OPS as SPATIAL_OPS
+from dync.exporter.passes.spatial.crossover import measure_crossovers, set_crossovers
 from dync.exporter.probe import Probe, probe_graph
+from dync.plugins import custom_ops_used
 from dync.package import (
     BATCH_DIM,
     MANIFEST_FILE,
@@ -43,12 +48,16 @@ def export(
     exits: Sequence[int] | None = None,
     name: str | None = None,
     progress: Progress | None = None,
-    lower_spatial: bool = False,
+    lower_spatial: bool = True,
+    ops: str = "portable",
+    spatial_crossover: float | None = None,
 ) -> Path:
     """Export `model` (a module or a model file) to the package directory `output` and return its path.
 
-    `lower_spatial` turns LASNet-style masked bottlenecks into gather-scatter execution (exact; faster than
-    dense only at low mask density until the measured dense/sparse crossover exists, hence opt-in).
+    `lower_spatial` turns LASNet-style masked bottlenecks into gather-scatter execution, exact against eager.
+    `ops` picks the form: "portable" (standard ONNX, for onnxruntime: each block runs dense when the batch's
+    mask density is above its crossover, measured here unless `spatial_crossover` fixes one for all blocks)
+    or "plugins" (`dync::` nodes for TensorRT's plugins; onnxruntime runs their decomposition).
     """
     report = progress or (lambda message: None)
     input_shape = _checked_shape(input_shape)
@@ -60,27 +69,59 @@ def export(
     eval_mode(model)
     report("capturing the forward with torch.export")
     captured = capture(model, example, exits)
-    if lower_spatial:
-        captured.model = _lower_spatial(captured.model, report)
+    if ops not in SPATIAL_OPS:
+        raise DyncError(f"--ops {ops!r} is unknown; use one of {', '.join(SPATIAL_OPS)}.")
+    spatial: list[LoweringReport] = []
+    if lower_spatial and ops == "portable":
+        captured.model, spatial = _lower_spatial_portable(captured.model, spatial_crossover, report)
     report(f"probing {len(captured.model.graph.node)} nodes for batched tensors")
     probe = probe_graph(captured.model, captured.input_name, tuple(input_shape[1:]))
     report(f"partitioning into {len(captured.exit_names)} stage(s)")
     stages = partition(captured.model, captured.exit_names, probe, labels=exits)
+    if lower_spatial and ops == "plugins":
+        spatial = _lower_spatial_plugins(stages, report)
     output = Path(output)
     package_name = name or output.name.removesuffix(".dync")
     manifest = _manifest(package_name, captured.input_name, input_shape, stages, probe, source, exits)
+    manifest.spatial = [_spatial_record(r) for r in spatial]
+    manifest.custom_ops = custom_ops_used([s.model for s in stages])
     _write_package(output, manifest, stages)
     report(f"wrote {output}")
     return output
 
 
-def _lower_spatial(model: onnx.ModelProto, report: Progress) -> onnx.ModelProto:
-    lowered, blocks = lower_masked_bottlenecks(model)
+def _lower_spatial_portable(
+    model: onnx.ModelProto, crossover: float | None, report: Progress
+) -> tuple[onnx.ModelProto, list[LoweringReport]]:
+    """Lower to the row form, then measure each block's crossover unless one is given."""
+    lowered, blocks = lower_masked_bottlenecks(model, "portable", ALWAYS_SPARSE if crossover is None else crossover)
+    _report_blocks(blocks, report)
+    measured = [(b.node, b.inputs, b.output) for b in blocks if b.lowered]
+    if crossover is None and measured:
+        report(f"measuring the dense/sparse crossover of {len(measured)} block(s) with onnxruntime")
+        values = measure_crossovers(lowered, measured, progress=report)
+        set_crossovers(lowered, values)
+        blocks = [dataclasses.replace(b, crossover=values.get(b.node)) for b in blocks]
+    return lowered, blocks
+
+
+def _lower_spatial_plugins(stages: list[Stage], report: Progress) -> list[LoweringReport]:
+    """Lower each stage to the plugin form; the partition and MACs were taken on the dense graph."""
+    blocks = []
+    for stage in stages:
+        stage.model, stage_blocks = lower_masked_bottlenecks(stage.model, "plugins")
+        blocks += stage_blocks
+    _report_blocks(blocks, report)
+    return blocks
+
+
+def _report_blocks(blocks: list[LoweringReport], report: Progress) -> None:
     for block in blocks:
-        report(f"masked bottleneck {block.node}: {'lowered to gather-scatter' if block.lowered else block.reason}")
-    if not blocks:
-        report("no masked bottleneck found; the graph is unchanged")
-    return lowered
+        report(f"masked bottleneck {block.node}: {'lowered' if block.lowered else 'left dense: ' + block.reason}")
+
+
+def _spatial_record(block: LoweringReport) -> dict:
+    return {"node": block.node, "lowered": block.lowered, "reason": block.reason, "crossover": block.crossover}
 
 
 def _checked_shape(shape: Sequence[int]) -> tuple[int, ...]:

@@ -12,13 +12,19 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dync.errors import PluginError
 
-__all__ = ["FACES", "PluginError", "PluginOp", "faces", "get", "names", "register"]
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ["FACES", "PluginError", "PluginOp", "custom_ops_used", "decompose_custom_nodes", "faces", "get", "names",
+           "register"]
 
 FACES = ("reference", "emit_onnx", "decompose_onnx", "cpu_fast", "triton", "tensorrt")
+DOMAIN = "dync"
+PLUGIN_ATTRIBUTES = ("plugin_version", "plugin_namespace")  # for TensorRT's parser, not op semantics
 
 _OP_MODULES = ("dync.plugins.gather_scatter",)
 
@@ -109,3 +115,36 @@ def names() -> tuple[str, ...]:
     """Every registered op name, sorted."""
     _load_builtin_ops()
     return tuple(sorted(_REGISTRY))
+
+
+def custom_ops_used(models: list[onnx.ModelProto]) -> list[dict[str, str]]:
+    """One record per `dync::` op the models use: its plugin id and version, and the fallback without it."""
+    used = sorted({node.op_type for model in models for node in model.graph.node if node.domain == DOMAIN})
+    return [{"op": f"{DOMAIN}::{name}", "plugin": get(name).plugin_id, "plugin_version": get(name).version,
+             "fallback": "portable decomposition"} for name in used]
+
+
+def decompose_custom_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every `dync::` node replaced by its portable decomposition (standard ONNX ops).
+
+    This is how a runtime without the op's plugin (onnxruntime) runs a package exported for TensorRT.
+    """
+    import onnx.helper
+
+    nodes = []
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            nodes.append(node)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
+                 if a.name not in PLUGIN_ATTRIBUTES}
+        decompose = get(node.op_type).face("decompose_onnx")
+        nodes.extend(decompose(list(node.input), list(node.output), prefix=f"{node.name}/", **attrs))
+    portable = onnx.ModelProto()
+    portable.CopyFrom(model)
+    del portable.graph.node[:]
+    portable.graph.node.extend(nodes)
+    kept = [o for o in portable.opset_import if o.domain != DOMAIN]
+    del portable.opset_import[:]
+    portable.opset_import.extend(kept)
+    return portable

@@ -69,6 +69,15 @@ def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings
     return ort.InferenceSession(source, settings.session_options(), providers=["CPUExecutionProvider"])
 
 
+def _stage_model(path: Path, manifest: Manifest) -> onnx.ModelProto | Path:
+    """The stage file, with `dync::` plugin nodes decomposed to standard ops when the package has any."""
+    if not manifest.custom_ops:
+        return path
+    from dync.plugins import decompose_custom_nodes
+
+    return decompose_custom_nodes(onnx.load(path))
+
+
 class OrtBackend:
     name = "ort"
 
@@ -79,7 +88,8 @@ class OrtBackend:
                 f"onnxruntime backend options {unknown} are unknown; use {sorted(OrtSettings.__dataclass_fields__)}."
             )
         self.settings = OrtSettings(**settings)
-        self._sessions = {s.name: session_from_onnx(Path(package_dir) / s.onnx, self.settings) for s in manifest.stages}
+        self._sessions = {s.name: session_from_onnx(_stage_model(Path(package_dir) / s.onnx, manifest), self.settings)
+                          for s in manifest.stages}
         self._outputs = {s.name: [s.exit.output, *[w for w in s.writes if w != s.exit.output]] for s in manifest.stages}
 
     def run(self, stage: StageSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -40,6 +40,8 @@ class LoweringReport:
     lowered: bool
     reason: str
     crossover: float | None = None
+    inputs: tuple[str, ...] = ()
+    output: str = ""
 
 
 def lower_masked_bottlenecks(
@@ -63,6 +65,7 @@ def lower_masked_bottlenecks(
         try:
             block = match(relu)
             value = _crossover_for(block, crossover)
+            inputs, output = (block.x.name, block.shortcut.name, block.decision.name), relu.outputs[0].name
             if ops == "plugins":
                 emit_patches(graph, block)
             else:
@@ -70,7 +73,8 @@ def lower_masked_bottlenecks(
         except Ineligible as why:
             reports.append(LoweringReport(relu.name, False, str(why)))
             continue
-        reports.append(LoweringReport(relu.name, True, f"lowered ({ops})", value if ops == "portable" else None))
+        reports.append(LoweringReport(relu.name, True, f"lowered ({ops})", value if ops == "portable" else None,
+                                      inputs, output))
     graph.cleanup().toposort()
     lowered = gs.export_onnx(graph)
     restore_metadata(lowered, model)

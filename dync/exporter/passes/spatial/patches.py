@@ -51,22 +51,22 @@ def _grid_and_patch(block: Block) -> tuple[gs.Tensor, int]:
         raise Ineligible(f"mask {block.mask.name}: grid {grid_hw} does not tile {out_hw} with square patches")
     patch = out_hw[0] // grid_hw[0]
     if resize is not None:
-        _check_resize(resize, patch)
+        _check_resize(resize)
     return grid, patch
 
 
-def _check_resize(resize: gs.Node, patch: int) -> None:
-    """A nearest / asymmetric / floor Resize on H and W only, by the integer factor `patch`."""
+def _check_resize(resize: gs.Node) -> None:
+    """A nearest / asymmetric / floor Resize: output pixel (y, x) reads grid cell (y // S, x // S).
+
+    Scales or sizes need no check: the static output size is S times the grid's, and with these modes
+    that fixes the mapping.
+    """
     wanted = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
     for name, want in wanted.items():
         if resize.attrs.get(name) != want:
             raise Ineligible(f"{resize.name} has {name}={resize.attrs.get(name)!r}, needs {want!r}")
     if resize.attrs.get("axes") is not None or resize.attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise Ineligible(f"{resize.name} resizes with axes or a kept aspect ratio")
-    scales = resize.inputs[2] if len(resize.inputs) > 2 else None
-    values = getattr(scales, "values", None)
-    if values is None or values.tolist() != [1.0, 1.0, float(patch), float(patch)]:
-        raise Ineligible(f"{resize.name} scales are not the constant [1, 1, {patch}, {patch}]")
 
 
 def _block_index(b: Builder, grid: gs.Tensor) -> gs.Variable:

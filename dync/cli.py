@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,16 @@ def export(model: Path, output: Path, input_shape: list[int] | None, exits: list
     from dync.exporter import DEFAULT_INPUT_SHAPE
     from dync.exporter import export as run_export
 
-    run_export(model, output, input_shape or DEFAULT_INPUT_SHAPE, exits=exits, name=name, progress=_progress,
-               lower_spatial=lower_spatial, ops=ops, spatial_crossover=spatial_crossover)
+    with warnings.catch_warnings():
+        warnings.showwarning = _echo_warning
+        run_export(model, output, input_shape or DEFAULT_INPUT_SHAPE, exits=exits, name=name, progress=_progress,
+                   lower_spatial=lower_spatial, ops=ops, spatial_crossover=spatial_crossover)
     _print_summary(output)
+
+
+def _echo_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """Warnings as one `warning:` line on stderr, in order with the progress lines."""
+    click.echo(f"dync: warning: {message}", err=True)
 
 
 def _print_summary(package: Path) -> None:

@@ -45,3 +45,7 @@ class PluginError(DyncError):
 
 class SpatialLoweringError(DyncError):
     """The model cannot go through the spatial lowering pass at all (not a per-block ineligibility)."""
+
+
+class SpatialLoweringWarning(UserWarning):
+    """A masked block the spatial pass found but left dense; the message names the node and the reason."""

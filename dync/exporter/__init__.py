@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import hashlib
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,16 +15,15 @@ import onnx
 import onnxruntime
 import torch
 
-from dync.errors import DyncError
+from dync.errors import DyncError, SpatialLoweringWarning
 from dync.exporter.capture import capture
 from dync.exporter.loading import eval_mode, load_model
 from dync.exporter.partition import Stage, partition
 from dync.exporter.passes import LoweringReport, lower_masked_bottlenecks
-from dync.exporter.passes.spatial import ALWAYS_SPARSE
+from dync.exporter.passes.spatial import ALWAYS_SPARSE, check_crossover
 from dync.exporter.passes.spatial import OPS as SPATIAL_OPS
 from dync.exporter.passes.spatial.crossover import measure_crossovers, set_crossovers
 from dync.exporter.probe import Probe, probe_graph
-from dync.plugins import custom_ops_used
 from dync.package import (
     BATCH_DIM,
     MANIFEST_FILE,
@@ -34,6 +34,7 @@ from dync.package import (
     TensorSpec,
     write_manifest,
 )
+from dync.plugins import custom_ops_used
 
 DEFAULT_INPUT_SHAPE = (16, 3, 32, 32)
 EXIT_CRITERION = "max_softmax"
@@ -61,6 +62,10 @@ def export(
     """
     report = progress or (lambda message: None)
     input_shape = _checked_shape(input_shape)
+    if ops not in SPATIAL_OPS:
+        raise DyncError(f"--ops {ops!r} is unknown; use one of {', '.join(SPATIAL_OPS)}.")
+    if spatial_crossover is not None:
+        check_crossover(spatial_crossover)
     example = torch.randn(max(input_shape[0], 2), *input_shape[1:])
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
@@ -69,8 +74,6 @@ def export(
     eval_mode(model)
     report("capturing the forward with torch.export")
     captured = capture(model, example, exits)
-    if ops not in SPATIAL_OPS:
-        raise DyncError(f"--ops {ops!r} is unknown; use one of {', '.join(SPATIAL_OPS)}.")
     spatial: list[LoweringReport] = []
     if lower_spatial and ops == "portable":
         captured.model, spatial = _lower_spatial_portable(captured.model, spatial_crossover, report)
@@ -116,8 +119,13 @@ def _lower_spatial_plugins(stages: list[Stage], report: Progress) -> list[Loweri
 
 
 def _report_blocks(blocks: list[LoweringReport], report: Progress) -> None:
+    """Progress for each block; a warning for each left dense, since the user expected it to run sparse."""
     for block in blocks:
-        report(f"masked bottleneck {block.node}: {'lowered' if block.lowered else 'left dense: ' + block.reason}")
+        if block.lowered:
+            report(f"masked bottleneck {block.node}: lowered")
+        else:
+            warnings.warn(f"masked bottleneck {block.node} is left dense: {block.reason}.", SpatialLoweringWarning,
+                          stacklevel=3)
 
 
 def _spatial_record(block: LoweringReport) -> dict:

@@ -83,7 +83,16 @@ def lower_masked_bottlenecks(
 
 def _crossover_for(block: Block, crossover: float | Mapping[str, float]) -> float:
     value = crossover.get(block.name, ALWAYS_SPARSE) if isinstance(crossover, Mapping) else crossover
-    assert 0.0 <= value <= 1.0, value
+    return check_crossover(value, block.name)
+
+
+def check_crossover(value: float, where: str = "all blocks") -> float:
+    """A crossover density must lie in [0, 1] (NaN does not)."""
+    if not 0.0 <= value <= 1.0:
+        raise SpatialLoweringError(
+            f"Spatial crossover {value!r} for {where} is not a mask density in [0, 1]; pass e.g. 0.5, or 1.0 "
+            "to always run the gather-scatter form."
+        )
     return float(value)
 
 

@@ -183,7 +183,8 @@ def binary_decision(mask: gs.Tensor) -> gs.Tensor:
             if node.attrs.get("to") == onnx.TensorProto.FLOAT and node.inputs[0].dtype == np.bool_:
                 return node.inputs[0]
             break
-        if node.op not in VALUE_PRESERVING and not (node.op == "Resize" and node.attrs.get("mode", "nearest") == "nearest"):
+        nearest_resize = node.op == "Resize" and node.attrs.get("mode", "nearest") == "nearest"
+        if node.op not in VALUE_PRESERVING and not nearest_resize:
             break
         tensor = node.inputs[0]
     raise Ineligible(f"mask {mask.name} is not provably binary (not a Cast of a bool tensor to float)")

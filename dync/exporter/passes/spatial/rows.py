@@ -61,10 +61,11 @@ def _dense_branch(block: Block, p: str) -> gs.Graph:
 def _rows_branch(block: Block, p: str, shortcut_nonnegative: bool) -> gs.Graph:
     nodes: list[gs.Node] = []
     b = Builder(nodes, p)
-    out_rows, need_rows, taps = _indices(b, block)
-    xt = _nhwc_rows(b, block.x, "x")
+    out_rows, sample, pixel = _out_rows(b, block)
+    need_rows, taps = _needed_rows(b, block, _taps(b, block, sample, pixel))
+    xt = _nhwc_rows(b, block.x, "x", block.x.shape[1])
     y = _convs(b, block, xt, need_rows, taps)
-    shortcut = xt if block.shortcut is block.x else _nhwc_rows(b, block.shortcut, "shortcut")
+    shortcut = xt if block.shortcut is block.x else _nhwc_rows(b, block.shortcut, "shortcut", block.shortcut.shape[1])
     rows = b.op("Unsqueeze", "out_rows_2d", [out_rows, b.const("out_rows_axis", [1])])
     if shortcut_nonnegative:  # relu(shortcut) == shortcut: only the active rows change
         joined = b.op("Relu", "joined_rows", [b.op("Add", "add_rows", [b.op("Gather", "shortcut_rows",
@@ -78,20 +79,38 @@ def _rows_branch(block: Block, p: str, shortcut_nonnegative: bool) -> gs.Graph:
     return gs.Graph(nodes=nodes, outputs=[result], name=p.rstrip("/"))
 
 
-def _nhwc_rows(b: Builder, x: gs.Tensor, what: str) -> gs.Variable:
+def _nhwc_rows(b: Builder, x: gs.Tensor, what: str, channels: int) -> gs.Variable:
     """`x [N, C, H, W]` as `[N*H*W, C]` rows."""
     nhwc = b.op("Transpose", f"{what}_nhwc", [x], perm=[0, 2, 3, 1])
-    return b.op("Reshape", f"{what}_rows", [nhwc, b.const(f"{what}_rows_shape", [-1, x.shape[1]])])
+    return b.op("Reshape", f"{what}_rows", [nhwc, b.const(f"{what}_rows_shape", [-1, channels])])
 
 
-def _indices(b: Builder, block: Block) -> tuple[gs.Variable, gs.Variable, gs.Variable]:
-    """Active output rows `[P2]`, needed input rows `[P1]`, and conv2's taps as h1 rows `[P2, k*k]`."""
-    k, s, p = block.kernel, block.stride, block.pad
-    (h, w), (ho, wo) = block.in_hw, block.out_hw
-    flat = b.const("flat", [-1])
-    axis0, axis1 = b.const("axis0", [0]), b.const("axis1", [1])
+def _out_rows(b: Builder, block: Block) -> tuple[gs.Variable, gs.Variable, gs.Variable]:
+    """Kept output pixels flat over `(n, i, j)` `[P2]`, and each one's sample `n` and in-plane index."""
     out_rows = b.op("Squeeze", "out_rows", [b.op("NonZero", "out_nonzero", [
-        b.op("Reshape", "mask_flat", [block.mask, flat])]), axis0])
+        b.op("Reshape", "mask_flat", [block.mask, b.const("flat", [-1])])]), b.const("axis0", [0])])
+    plane = b.const("out_plane", block.out_hw[0] * block.out_hw[1])
+    return out_rows, b.op("Div", "out_sample", [out_rows, plane]), b.op("Mod", "out_pixel", [out_rows, plane])
+
+
+def _taps(b: Builder, block: Block, sample: gs.Tensor, pixel: gs.Tensor) -> gs.Variable:
+    """`[P2, k*k]` flat cells of conv2's taps in the input map padded by conv2's padding, batch-major."""
+    (h, w), k, p = block.in_hw, block.kernel, block.pad
+    corner = b.op("Add", "tap_corner", [
+        b.op("Gather", "tap_anchor", [b.const("anchor_table", _anchor_table(block)), pixel]),
+        b.op("Mul", "tap_sample", [sample, b.const("padded_plane", (h + 2 * p) * (w + 2 * p))])])
+    offsets = b.const("tap_offsets", [[ky * (w + 2 * p) + kx for ky in range(k) for kx in range(k)]])
+    return b.op("Add", "tap_cells", [b.op("Unsqueeze", "tap_corner_2d", [corner, b.const("axis1", [1])]), offsets])
+
+
+def _needed_rows(b: Builder, block: Block, tap_cells: gs.Tensor) -> tuple[gs.Variable, gs.Variable]:
+    """Input pixels conv2 reads `[P1]`, and conv2's taps as rows of conv1's output `[P2, k*k]`.
+
+    Taps in the padding, or on pixels no kept output reads, point at row P1: the zero row after conv1.
+    """
+    k, s, p = block.kernel, block.stride, block.pad
+    (h, w), ho = block.in_hw, block.out_hw[0]
+    flat, axis0 = b.const("need_flat_shape", [-1]), b.const("need_axis", [0])
     spread = b.op("ConvTranspose", "need_count", [block.mask, b.const("ones", np.ones((1, 1, k, k)), np.float32)],
                   strides=[s, s], pads=[p, p, p, p], output_padding=[h - (ho - 1) * s + 2 * p - k] * 2)
     need = b.op("Greater", "need", [b.op("Reshape", "need_flat", [spread, flat]), b.const("zero", 0.0, np.float32)])
@@ -102,18 +121,8 @@ def _indices(b: Builder, block: Block) -> tuple[gs.Variable, gs.Variable, gs.Var
     position = b.op("Where", "position", [need, order, count])
     padded = b.op("Reshape", "position_padded_flat", [b.op("Pad", "position_padded", [
         b.op("Reshape", "position_map", [position, b.const("map_shape", [-1, h, w])]),
-        b.const("pads", [0, p, p, 0, p, p]), count]), flat])
-    plane = b.const("out_plane", ho * wo)
-    sample = b.op("Div", "out_sample", [out_rows, plane])
-    pixel = b.op("Mod", "out_pixel", [out_rows, plane])
-    corner = b.op("Add", "tap_corner", [
-        b.op("Gather", "tap_anchor", [b.const("anchor_table", _anchor_table(block)), pixel]),
-        b.op("Mul", "tap_sample", [sample, b.const("padded_plane", (h + 2 * p) * (w + 2 * p))])])
-    offsets = b.const("tap_offsets", [[ky * (w + 2 * p) + kx for ky in range(k) for kx in range(k)]])
-    tap_cells = b.op("Add", "tap_cells", [b.op("Unsqueeze", "tap_corner_2d", [corner, axis1]),
-                                          offsets])
-    taps = b.op("Gather", "taps", [padded, tap_cells])
-    return out_rows, need_rows, taps
+        b.const("position_pads", [0, p, p, 0, p, p]), count]), flat])
+    return need_rows, b.op("Gather", "taps", [padded, tap_cells])
 
 
 def _anchor_table(block: Block) -> np.ndarray:

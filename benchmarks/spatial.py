@@ -6,11 +6,12 @@ Run from the repository root:  python -m benchmarks.spatial [--repeats 20] [--ba
     with 4x4, 14x14 256->1024 with 2x2), masks forced to 10/25/50/75/100% density (different per sample),
     all in onnxruntime under the same session options:
     - "dync" is the default export (row form below the block's measured crossover density, dense above);
-    - "row form" forces the gather-scatter form at every density (crossover 1.0);
+    - "row form" forces the gather-scatter form at every density (crossover 1.0: inline, no If);
     - "MAC ideal" is dense MACs over the row form's MACs on the same masks (conv1 runs on every pixel
       conv2 reads, so it exceeds 1 / density), and "of ideal" is the row form's speedup over it.
 (b) A LASNet-like ResNet-50 (3/4/6/3 bottlenecks, patches 4-4-2-1) at about 35% of positions kept:
-    dync's default export against the plain `torch.onnx.export` of the same model; outputs compared.
+    dync's default export, and with `--spatial-crossover 1` (row form inline in every block, no dense
+    fallback), against the plain `torch.onnx.export` of the same model; outputs compared.
 Medians of interleaved rounds after warm-up; only ratios are printed.
 """
 
@@ -79,23 +80,25 @@ def block_rows(batch: int, repeats: int, work: Path) -> list[str]:
     return rows
 
 
-def resnet_row(batch: int, repeats: int, work: Path) -> str:
+def resnet_rows(batch: int, repeats: int, work: Path) -> list[str]:
     torch.manual_seed(0)
     model = lasnet_resnet50_like(0.35).eval()
     shape = (max(batch, 2), 3, 224, 224)
-    lowered = dync.load(dync.export(model, work / "lasnet50.dync", input_shape=shape))
+    engines = {"measured crossovers (default)": dync.load(dync.export(model, work / "r50.dync", input_shape=shape)),
+               "--spatial-crossover 1": dync.load(dync.export(model, work / "r50_rows.dync", input_shape=shape,
+                                                              spatial_crossover=1.0))}
     plain_path = work / "plain.onnx"
     with quiet_torch_onnx():
         torch.onnx.export(model, (torch.randn(batch, 3, 224, 224),), str(plain_path), dynamo=True,
                           input_names=["x"])
-    plain = session_from_onnx(plain_path, lowered.backend.settings)
-    x = lowered.example_input(batch, seed=2)
-    times = median_times({"plain": lambda: plain.run(None, {"x": x}), "dync": lambda: lowered.run(x)},
-                         repeats=repeats)
-    error = np.abs(plain.run(None, {"x": x})[0] - lowered.run(x).logits).max()
-    dense_blocks = sum(not b["lowered"] or b["crossover"] == 0.0 for b in lowered.manifest.spatial)
-    return (f"| LASNet-like ResNet-50, ~35% kept | {times['plain'] / times['dync']:.2f}x | "
-            f"{len(lowered.manifest.spatial) - dense_blocks} of {len(lowered.manifest.spatial)} | {error:.1e} |")
+    plain = session_from_onnx(plain_path, OrtSettings())
+    x = engines["--spatial-crossover 1"].example_input(batch, seed=2)
+    variants = {"plain": lambda: plain.run(None, {"x": x}),
+                **{label: functools.partial(engine.run, x) for label, engine in engines.items()}}
+    times = median_times(variants, repeats=repeats)
+    reference = plain.run(None, {"x": x})[0]
+    return [f"| LASNet-like ResNet-50, ~35% kept | {label} | {times['plain'] / times[label]:.2f}x | "
+            f"{np.abs(reference - engine.run(x).logits).max():.1e} |" for label, engine in engines.items()]
 
 
 def main() -> None:
@@ -110,9 +113,8 @@ def main() -> None:
               "| max abs diff |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         print("\n".join(block_rows(args.batch, args.repeats, work)))
-        print("\n| model | dync speedup vs plain export | blocks that can run sparse | max abs diff |\n"
-              "| --- | --- | --- | --- |")
-        print(resnet_row(args.batch, args.repeats, work))
+        print("\n| model | dync export | speedup vs plain export | max abs diff |\n| --- | --- | --- | --- |")
+        print("\n".join(resnet_rows(args.batch, args.repeats, work)))
 
 
 if __name__ == "__main__":

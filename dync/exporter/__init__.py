@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import shutil
@@ -22,7 +21,7 @@ from dync.exporter.partition import Stage, partition
 from dync.exporter.passes import LoweringReport, lower_masked_bottlenecks
 from dync.exporter.passes.spatial import ALWAYS_SPARSE, check_crossover
 from dync.exporter.passes.spatial import OPS as SPATIAL_OPS
-from dync.exporter.passes.spatial.crossover import measure_crossovers, set_crossovers
+from dync.exporter.passes.spatial.crossover import measure_crossovers
 from dync.exporter.probe import Probe, probe_graph
 from dync.package import (
     BATCH_DIM,
@@ -74,15 +73,11 @@ def export(
     eval_mode(model)
     report("capturing the forward with torch.export")
     captured = capture(model, example, exits)
-    spatial: list[LoweringReport] = []
-    if lower_spatial and ops == "portable":
-        captured.model, spatial = _lower_spatial_portable(captured.model, spatial_crossover, report)
     report(f"probing {len(captured.model.graph.node)} nodes for batched tensors")
     probe = probe_graph(captured.model, captured.input_name, tuple(input_shape[1:]))
     report(f"partitioning into {len(captured.exit_names)} stage(s)")
     stages = partition(captured.model, captured.exit_names, probe, labels=exits)
-    if lower_spatial and ops == "plugins":
-        spatial = _lower_spatial_plugins(stages, report)
+    spatial = _lower_spatial(captured.model, stages, ops, spatial_crossover, report) if lower_spatial else []
     output = Path(output)
     package_name = name or output.name.removesuffix(".dync")
     manifest = _manifest(package_name, captured.input_name, input_shape, stages, probe, source, exits)
@@ -93,26 +88,22 @@ def export(
     return output
 
 
-def _lower_spatial_portable(
-    model: onnx.ModelProto, crossover: float | None, report: Progress
-) -> tuple[onnx.ModelProto, list[LoweringReport]]:
-    """Lower to the row form, then measure each block's crossover unless one is given."""
-    lowered, blocks = lower_masked_bottlenecks(model, "portable", ALWAYS_SPARSE if crossover is None else crossover)
-    _report_blocks(blocks, report)
-    measured = [(b.node, b.inputs, b.output) for b in blocks if b.lowered]
-    if crossover is None and measured:
-        report(f"measuring the dense/sparse crossover of {len(measured)} block(s) with onnxruntime")
-        values = measure_crossovers(lowered, measured, progress=report)
-        set_crossovers(lowered, values)
-        blocks = [dataclasses.replace(b, crossover=values.get(b.node)) for b in blocks]
-    return lowered, blocks
+def _lower_spatial(
+    model: onnx.ModelProto, stages: list[Stage], ops: str, crossover: float | None, report: Progress
+) -> list[LoweringReport]:
+    """Lower the masked bottlenecks of each stage in place; returns one report per block.
 
-
-def _lower_spatial_plugins(stages: list[Stage], report: Progress) -> list[LoweringReport]:
-    """Lower each stage to the plugin form; the partition and MACs were taken on the dense graph."""
+    Lowering comes after probing and partitioning, so that both see only static shapes and each stage's
+    MACs are those of the dense model (what a mask saves depends on the input). The portable form's
+    crossovers are measured on the whole model unless `crossover` fixes one.
+    """
+    if ops == "portable" and crossover is None:
+        report("measuring each masked bottleneck's dense/sparse crossover with onnxruntime")
+        crossover = measure_crossovers(model, progress=report)
     blocks = []
     for stage in stages:
-        stage.model, stage_blocks = lower_masked_bottlenecks(stage.model, "plugins")
+        stage.model, stage_blocks = lower_masked_bottlenecks(stage.model, ops, ALWAYS_SPARSE if crossover is None
+                                                             else crossover)
         blocks += stage_blocks
     _report_blocks(blocks, report)
     return blocks

@@ -50,26 +50,6 @@ def _matmul(node: gs.Node, shape: Callable[[gs.Tensor], tuple[int, ...]]) -> int
     return prod(shape(node.outputs[0])) * shape(node.inputs[0])[-1]
 
 
-class _UnknownShape(Exception):
-    """A tensor inside a control-flow branch whose shape depends on the data."""
-
-
-@counts("If")
-def _if(node: gs.Node, shape: Callable[[gs.Tensor], tuple[int, ...]]) -> int:
-    """The costlier branch of those with static shapes.
-
-    For a lowered masked block that is its dense form: the saving of the mask is data-dependent, so the
-    package states the full cost, as for the model before lowering.
-    """
-    costs = []
-    for branch in (node.attrs["then_branch"], node.attrs["else_branch"]):
-        try:
-            costs.append(sum(MAC_COUNTERS[n.op](n, shape) for n in branch.nodes if n.op in MAC_COUNTERS))
-        except _UnknownShape:
-            continue
-    return max(costs, default=0)
-
-
 def node_macs(node: gs.Node, probe: Probe) -> int:
     """MACs one sample costs in `node`; batch-independent nodes are charged whole (their cost at batch 1)."""
     counter = MAC_COUNTERS.get(node.op)
@@ -79,19 +59,10 @@ def node_macs(node: gs.Node, probe: Probe) -> int:
     def shape(tensor: gs.Tensor) -> tuple[int, ...]:
         if isinstance(tensor, gs.Constant):
             return tuple(tensor.values.shape)
-        if tensor.name in probe.shapes:
-            return probe.shapes[tensor.name]
-        return _branch_shape(tensor)
+        return probe.shapes[tensor.name]
 
     total = counter(node, shape)
     if node.outputs[0].name in probe.batched:
         return total // PROBE_BATCHES[0]
     return total
 
-
-def _branch_shape(tensor: gs.Tensor) -> tuple[int, ...]:
-    """A branch tensor's static shape, the probe's first batch standing in for the batch dim."""
-    dims = tensor.shape
-    if dims is None or not all(isinstance(d, int) for d in dims[1:]):
-        raise _UnknownShape(tensor.name)
-    return (dims[0] if isinstance(dims[0], int) else PROBE_BATCHES[0], *dims[1:])

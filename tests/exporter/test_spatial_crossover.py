@@ -1,4 +1,4 @@
-"""The crossover machinery of the spatial pass: the pure `crossing` rule, writing crossovers, cutting one block.
+"""The crossover machinery of the spatial pass: the pure `crossing` rule, cutting one block, measuring.
 
 Only behaviour: `measure_crossovers` runs with `repeats=1` and its values are checked for range, not size.
 """
@@ -13,7 +13,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from dync.exporter.capture import capture
@@ -23,7 +22,6 @@ from dync.exporter.passes.spatial.crossover import (
     block_model,
     crossing,
     measure_crossovers,
-    set_crossovers,
 )
 from tests.helpers import assert_close, random_input
 from tests.zoo import init_like_trained
@@ -55,31 +53,20 @@ class TwoBlocks(nn.Sequential):
 
 
 @pytest.fixture(scope="module")
-def lowered() -> tuple[onnx.ModelProto, list[LoweringReport]]:
-    """TwoBlocks lowered in the portable form (row form always), captured once for the module."""
-    model = capture(TwoBlocks(), torch.from_numpy(random_input(SAMPLE_SHAPE, 2, seed=1))).model
-    result, reports = lower_masked_bottlenecks(model)
+def captured() -> onnx.ModelProto:
+    return capture(TwoBlocks(), torch.from_numpy(random_input(SAMPLE_SHAPE, 2, seed=1))).model
+
+
+@pytest.fixture(scope="module")
+def lowered(captured: onnx.ModelProto) -> tuple[onnx.ModelProto, list[LoweringReport]]:
+    """TwoBlocks lowered in the portable form, each block in its If (crossover below 1)."""
+    result, reports = lower_masked_bottlenecks(captured, crossover=0.5)
     assert len(reports) == 2 and all(r.lowered for r in reports), reports
     return result, reports
 
 
-def _crossover_value(model: onnx.ModelProto, block: str) -> float:
-    tensor = next(t for t in model.graph.initializer if t.name == f"{block}/spatial/crossover")
-    return float(numpy_helper.to_array(tensor))
-
-
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
-def test_set_crossovers_writes_the_thresholds(lowered: tuple[onnx.ModelProto, list[LoweringReport]]) -> None:
-    model, reports = lowered
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    set_crossovers(copy, {reports[0].node: 0.3, reports[1].node: 0.7})
-    assert [_crossover_value(copy, r.node) for r in reports] == [np.float32(0.3), np.float32(0.7)]
-    assert [_crossover_value(model, r.node) for r in reports] == [1.0, 1.0], "set_crossovers changed its input?"
-    onnx.checker.check_model(copy)
 
 
 def _with_outputs(model: onnx.ModelProto, names: dict[str, int]) -> onnx.ModelProto:
@@ -117,12 +104,11 @@ def test_block_model_runs_either_branch_alone(lowered: tuple[onnx.ModelProto, li
     assert_close(got, expected, what=f"block {index} cut out, crossover {threshold}")
 
 
-def test_measure_crossovers(lowered: tuple[onnx.ModelProto, list[LoweringReport]]) -> None:
-    """One density in [0, 1] per block, each reported through `progress` with the block's name."""
-    model, reports = lowered
+def test_measure_crossovers(captured: onnx.ModelProto, lowered: tuple[onnx.ModelProto, list[LoweringReport]]) -> None:
+    """One density in [0, 1] per block of the unlowered model, each reported through `progress` by name."""
+    _, reports = lowered
     messages: list[str] = []
-    values = measure_crossovers(model, [(r.node, r.inputs, r.output) for r in reports], repeats=1,
-                                progress=messages.append)
+    values = measure_crossovers(captured, repeats=1, progress=messages.append)
     assert list(values) == [r.node for r in reports]
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in values.values()), values
     assert len(messages) == len(reports) and all(r.node in m for r, m in zip(reports, messages, strict=True))

@@ -39,7 +39,7 @@ from tests.zoo import init_like_trained
 from tests.zoo_spatial import SPATIAL_ZOO, LASNetLike, MaskedBottleneck, force_masks, mask_densities
 
 DENSITIES = (0.0, 0.25, 1.0)
-CROSSOVERS = (1.0, 0.0)
+CROSSOVERS = (1.0, 0.5, 0.0)  # 1.0: row form inline, no If; 0.5: If, row form at 25%; 0.0: If, dense
 """1.0: the row form runs at every density; 0.0: the dense branch runs as soon as one pixel is active."""
 
 BATCHES = (1, 3)
@@ -224,14 +224,19 @@ def test_eligible_block_is_lowered_and_exact(eligible: Case, crossover: float) -
     assert [r.output for r in reports] == [o.name for o in exported.graph.output]
 
     ifs = [node for node in lowered.graph.node if node.op_type == "If"]
-    assert sorted(node.output[0] for node in ifs) == sorted(r.output for r in reports), "one If per block"
-    for node in ifs:
-        assert _ops(_branch(node, "then_branch"))["Conv"] == 3, "then: the dense block"
-        rows = _ops(_branch(node, "else_branch"))
-        assert rows["Gemm"] == 3 and rows["ScatterND"] == 1 and rows["Conv"] == 0, rows
-    assert _ops(lowered)["Conv"] == _ops(exported)["Conv"] - 3 * len(reports), "the block convs moved into the If"
-    for report in reports:
-        assert _initializer(lowered.graph, f"{report.node}/spatial/crossover") == np.float32(crossover)
+    if crossover == 1.0:  # never dense: the row form inline, no If and no threshold
+        assert not ifs and _ops(lowered)["ScatterND"] == len(reports)
+        assert _ops(lowered)["Gemm"] - _ops(exported)["Gemm"] == 3 * len(reports)
+        assert not [t for t in lowered.graph.initializer if t.name.endswith("/spatial/crossover")]
+    else:
+        assert sorted(node.output[0] for node in ifs) == sorted(r.output for r in reports), "one If per block"
+        for node in ifs:
+            assert _ops(_branch(node, "then_branch"))["Conv"] == 3, "then: the dense block"
+            rows = _ops(_branch(node, "else_branch"))
+            assert rows["Gemm"] == 3 and rows["ScatterND"] == 1 and rows["Conv"] == 0, rows
+        for report in reports:
+            assert _initializer(lowered.graph, f"{report.node}/spatial/crossover") == np.float32(crossover)
+    assert _ops(lowered)["Conv"] == _ops(exported)["Conv"] - 3 * len(reports), "the block convs are gone or in If"
 
     assert list(lowered.graph.input) == list(exported.graph.input)
     assert list(lowered.graph.output) == list(exported.graph.output)  # names, shapes, dynamic batch, metadata
@@ -243,19 +248,21 @@ def test_eligible_block_is_lowered_and_exact(eligible: Case, crossover: float) -
 def test_crossover_picks_the_branch(eligible: Case, crossover: float) -> None:
     """With conv3 of every row form broken, an output stays exact exactly where the dense branch (or no row) runs.
 
-    An empty mask has no row to compute, so it is exact either way; crossover 0.0 runs any other mask dense
-    and crossover 1.0 never does.
+    An empty mask has no row to compute, so it is exact either way; crossover 0.0 runs any other mask dense,
+    0.5 the masks above half density, and 1.0 none.
     """
     lowered, _ = lower_masked_bottlenecks(eligible.exported, crossover=crossover)
-    for node in (n for n in lowered.graph.node if n.op_type == "If"):
-        branch = next(a.g for a in node.attribute if a.name == "else_branch")
-        weight = next(t for t in branch.initializer if t.name.endswith("/rows/conv3_weight"))
+    graphs = [lowered.graph, *(a.g for n in lowered.graph.node if n.op_type == "If" for a in n.attribute
+                               if a.name == "else_branch")]
+    weights = [t for g in graphs for t in g.initializer if t.name.endswith("/rows/conv3_weight")]
+    assert len(weights) == 3
+    for weight in weights:
         weight.CopyFrom(numpy_helper.from_array(2 * numpy_helper.to_array(weight), weight.name))
     x = random_input(eligible.sample_shape, 3, seed=3)
     got, ref = _run(lowered, x), eager_outputs(eligible.model, x)
     for copy, g, r in zip(eligible.model.copies, got, ref, strict=True):
         (density,) = mask_densities(copy, torch.from_numpy(x))
-        if crossover == 0.0 or density == 0.0:
+        if density > crossover or density == 0.0:
             assert_close(g, r, what=f"mask density {density}, crossover {crossover}")
         else:
             assert not np.allclose(g, r, atol=1e-3), f"mask density {density}: the row form did not run"
@@ -356,9 +363,9 @@ def test_lasnet_cifar_portable_lowers_every_block(cifar: tuple[nn.Module, onnx.M
     first = lower_masked_bottlenecks(exported)[1][0].node
     lowered, reports = lower_masked_bottlenecks(exported, crossover={first: 0.0})
     assert len(reports) == 6 and all(r.lowered for r in reports), reports
-    assert _ops(lowered)["If"] == 6
+    assert _ops(lowered)["If"] == 1 and _ops(lowered)["ScatterND"] == 5, "only the first block keeps the If"
     assert [r.crossover for r in reports] == [0.0] + [1.0] * 5
-    assert [float(_initializer(lowered.graph, f"{r.node}/spatial/crossover")) for r in reports] == [0.0] + [1.0] * 5
+    assert float(_initializer(lowered.graph, f"{first}/spatial/crossover")) == 0.0
     _assert_exact(model, lowered, CIFAR_SAMPLE, "lasnet_cifar portable")
 
 
@@ -437,8 +444,9 @@ def test_export_portable_verifies(packages: CifarPackages) -> None:
     manifest = packages.verified("portable")
     assert [(b["lowered"], b["crossover"]) for b in manifest.spatial] == [(True, 1.0)] * 6
     assert manifest.custom_ops == []
-    assert sum(s.ops.get("If", 0) for s in manifest.stages) == 6
-    assert manifest.full_macs == dync.load(packages.get("dense")).manifest.full_macs, "an If counts its dense branch"
+    assert sum(s.ops.get("ScatterND", 0) for s in manifest.stages) == 6, "crossover 1.0: row forms inline"
+    assert sum(s.ops.get("If", 0) for s in manifest.stages) == 0
+    assert manifest.full_macs == dync.load(packages.get("dense")).manifest.full_macs, "MACs of the dense model"
     assert packages.warnings["portable"] == []
 
 
@@ -506,7 +514,7 @@ def test_multi_exit_export_verifies(tmp_path: Path, ops: str, lowered: list[bool
     assert sum(w.category is SpatialLoweringWarning for w in caught) == lowered.count(False)
     assert len(manifest.stages) == 2 and manifest.stages[1].reads != ["input"]
     if ops == "portable":
-        assert [s.ops.get("If", 0) for s in manifest.stages] == [1, 2]
+        assert [s.ops.get("ScatterND", 0) for s in manifest.stages] == [1, 2]
     else:
         assert [s.ops.get("dync::GatherPatches", 0) for s in manifest.stages] == [1, 1]
     record = verify(engine, model, x=random_input((3, 16, 16), 6, seed=2))

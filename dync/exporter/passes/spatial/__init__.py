@@ -59,7 +59,6 @@ def lower_masked_bottlenecks(
         raise SpatialLoweringError(f"Unknown spatial ops form {ops!r}; use one of {', '.join(OPS)}.")
     _check_opset(model)
     graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
-    nonnegative = {t.name for node in graph.nodes if node.op == "Relu" for t in node.outputs}
     reports = []
     for relu in list(candidates(graph)):
         try:
@@ -69,7 +68,7 @@ def lower_masked_bottlenecks(
             if ops == "plugins":
                 emit_patches(graph, block)
             else:
-                emit_rows(graph, block, value, block.shortcut.name in nonnegative)
+                emit_rows(graph, block, value)
         except Ineligible as why:
             reports.append(LoweringReport(relu.name, False, str(why)))
             continue

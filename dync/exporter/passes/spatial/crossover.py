@@ -1,7 +1,8 @@
 """Measure, per lowered block, the mask density above which dense execution beats the row form.
 
-Each block is cut out of the lowered model (inputs: block input, shortcut, the masker's bool decision; the
-crossover constant turned into an input so one session can run either branch) and timed at batch 1 in
+The model is lowered with every block in its `If` form; each block is cut out (inputs: block input,
+shortcut, the masker's bool decision; the crossover constant turned into an input so one session can run
+either branch) and timed at batch 1 in
 onnxruntime under the package's session options: dense once, the row form at a grid of densities, all
 interleaved. The crossover is where the row form's time, interpolated linearly, reaches the dense time.
 Measured on the exporting machine; thread count and CPU move it, so it is a property of the package build.
@@ -9,7 +10,7 @@ Measured on the exporting machine; thread count and CPU move it, so it is a prop
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -21,33 +22,42 @@ from dync.timing import median_times
 
 DENSITIES = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
 DENSE, SPARSE = -1.0, 2.0  # crossover inputs that force the dense branch / the row form
+MEASURING = 0.5  # any crossover below 1 gives every block its If and crossover constant
 CROSSOVER_INPUT = "crossover"
 
 
 def measure_crossovers(
     model: onnx.ModelProto,
-    blocks: Sequence[tuple[str, Sequence[str], str]],
     settings: OrtSettings | None = None,
     repeats: int = 7,
     progress: Callable[[str], None] = lambda message: None,
 ) -> dict[str, float]:
-    """`{block: crossover density}` for `blocks`, each `(name, (x, shortcut, decision) tensor names, output)`."""
-    settings = settings or OrtSettings()
+    """`{block: crossover density}` for every block of the (not yet lowered) `model` the pass can lower."""
+    from dync.exporter.passes.spatial import lower_masked_bottlenecks
+
+    lowered, reports = lower_masked_bottlenecks(model, "portable", MEASURING)
     crossovers = {}
-    for name, inputs, output in blocks:
-        session = session_from_onnx(block_model(model, name, inputs, output), settings)
-        rng = np.random.default_rng(0)
-        feeds = {i.name: _random_input(i, rng) for i in session.get_inputs() if i.name != CROSSOVER_INPUT}
-        decision = next(i for i in session.get_inputs() if i.name == inputs[-1])
-        variants = {"dense": _runner(session, feeds, DENSE)}
-        for density in DENSITIES:
-            masked = {**feeds, decision.name: _decision(feeds[decision.name].shape, density, rng)}
-            variants[density] = _runner(session, masked, SPARSE)
-        times = median_times(variants, repeats=repeats)
-        crossovers[name] = crossing(DENSITIES, [times[d] for d in DENSITIES], times["dense"])
-        progress(f"masked bottleneck {name}: runs dense above {crossovers[name]:.0%} mask density "
-                 f"(row form at 25%: {times['dense'] / times[0.25]:.2f}x dense)")
+    for report in (r for r in reports if r.lowered):
+        session = session_from_onnx(block_model(lowered, report.node, report.inputs, report.output),
+                                    settings or OrtSettings())
+        times = _block_times(session, report.inputs[-1], repeats)
+        crossovers[report.node] = crossing(DENSITIES, [times[d] for d in DENSITIES], times["dense"])
+        when = ("always runs the row form" if crossovers[report.node] >= 1.0
+                else f"runs dense above {crossovers[report.node]:.0%} mask density")
+        progress(f"masked bottleneck {report.node}: {when} (row form at 25%: {times['dense'] / times[0.25]:.2f}x "
+                 "dense)")
     return crossovers
+
+
+def _block_times(session: object, decision: str, repeats: int) -> dict[object, float]:
+    """Median seconds of the cut-out block: dense, and the row form at each of DENSITIES."""
+    rng = np.random.default_rng(0)
+    feeds = {i.name: _random_input(i, rng) for i in session.get_inputs() if i.name != CROSSOVER_INPUT}
+    variants = {"dense": _runner(session, feeds, DENSE)}
+    for density in DENSITIES:
+        masked = {**feeds, decision: _decision(feeds[decision].shape, density, rng)}
+        variants[density] = _runner(session, masked, SPARSE)
+    return median_times(variants, repeats=repeats)
 
 
 def crossing(densities: Sequence[float], sparse: Sequence[float], dense: float) -> float:
@@ -60,14 +70,6 @@ def crossing(densities: Sequence[float], sparse: Sequence[float], dense: float) 
             return previous_density + (density - previous_density) * (dense - previous_time) / (time - previous_time)
         previous_density, previous_time = density, time
     return 1.0
-
-
-def set_crossovers(model: onnx.ModelProto, crossovers: Mapping[str, float]) -> None:
-    """Write measured crossovers into the lowered model's per-block constants, in place."""
-    initializers = {t.name: t for t in model.graph.initializer}
-    for name, value in crossovers.items():
-        tensor = initializers[f"{name}/{CROSSOVER_SUFFIX}"]
-        tensor.CopyFrom(onnx.numpy_helper.from_array(np.array(value, np.float32), tensor.name))
 
 
 def block_model(model: onnx.ModelProto, name: str, inputs: Sequence[str], output: str) -> onnx.ModelProto:

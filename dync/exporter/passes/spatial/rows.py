@@ -11,10 +11,11 @@ conv1 runs once per needed pixel (no halo recomputed per patch), so masks need n
     h1   = [Relu(Gemm(xt[q1], W1)); 0]                          [P1 + 1, C1]
     h2   = Relu(Gemm(h1[pos[taps(q2)]] as [P2, k*k*C1], W2))    conv2 as im2col by row gather
     y    = Gemm(h2, W3)                                         [P2, Cout]
-    out  = Relu(ScatterND(shortcut rows, q2, y, add))           or, shortcut >= 0, only the P2 rows re-Relu'd
+    out  = Relu(ScatterND(shortcut rows, q2, y, add))
 
 The whole block sits in an `If` on the batch's mask density: above the block's crossover (measured, see
 `crossover.py`) the dense original runs instead, so the lowered block is never much slower than dense.
+A block whose crossover is 1.0 runs the row form inline, without the If (see `emit_rows`).
 """
 
 from __future__ import annotations
@@ -29,19 +30,28 @@ from dync.exporter.passes.spatial.match import Block
 CROSSOVER_SUFFIX = "spatial/crossover"
 
 
-def emit_rows(graph: gs.Graph, block: Block, crossover: float, shortcut_nonnegative: bool) -> None:
-    """Replace `block` by `If(density > crossover, dense copy, row form)`, writing the block's own output."""
+def emit_rows(graph: gs.Graph, block: Block, crossover: float) -> None:
+    """Replace `block` by `If(density > crossover, dense copy, row form)`, writing the block's own output.
+
+    A crossover of 1.0 (never dense) inlines the row form without the If: besides the If's own cost,
+    onnxruntime's transpose optimizer cannot see through an If, and inlined it cancels the NCHW -> rows
+    transpose of a block against the rows -> NCHW transpose of the block before.
+    """
     p = f"{block.name}/"
+    output = block.relu.outputs[0]
+    sparse = _rows_branch(block, f"{p}rows/")
+    dense = None if crossover >= 1.0 else _dense_branch(block, f"{p}dense/")
+    block.relu.outputs.clear()
+    if dense is None:
+        sparse.nodes[-1].outputs = [output]
+        graph.nodes.extend(sparse.nodes)
+        return
     main = Builder(graph.nodes, p)
     density = main.op("ReduceMean", "spatial/density", [block.mask], keepdims=0)
     threshold = gs.Constant(p + CROSSOVER_SUFFIX, np.array(crossover, np.float32))
     use_dense = main.op("Greater", "spatial/use_dense", [density, threshold])
-    output = block.relu.outputs[0]
-    dense = _dense_branch(block, f"{p}dense/")
-    sparse = _rows_branch(block, f"{p}rows/", shortcut_nonnegative)
     for branch in (dense, sparse):
         branch.outputs[0].dtype, branch.outputs[0].shape = output.dtype, output.shape
-    block.relu.outputs.clear()
     graph.nodes.append(gs.Node("If", f"{p}spatial/if", attrs={"then_branch": dense, "else_branch": sparse},
                                inputs=[use_dense], outputs=[output]))
 
@@ -58,7 +68,7 @@ def _dense_branch(block: Block, p: str) -> gs.Graph:
     return gs.Graph(nodes=nodes, outputs=[nodes[-1].outputs[0]], name=p.rstrip("/"))
 
 
-def _rows_branch(block: Block, p: str, shortcut_nonnegative: bool) -> gs.Graph:
+def _rows_branch(block: Block, p: str) -> gs.Graph:
     nodes: list[gs.Node] = []
     b = Builder(nodes, p)
     out_rows, sample, pixel = _out_rows(b, block)
@@ -67,12 +77,7 @@ def _rows_branch(block: Block, p: str, shortcut_nonnegative: bool) -> gs.Graph:
     y = _convs(b, block, xt, need_rows, taps)
     shortcut = xt if block.shortcut is block.x else _nhwc_rows(b, block.shortcut, "shortcut", block.shortcut.shape[1])
     rows = b.op("Unsqueeze", "out_rows_2d", [out_rows, b.const("out_rows_axis", [1])])
-    if shortcut_nonnegative:  # relu(shortcut) == shortcut: only the active rows change
-        joined = b.op("Relu", "joined_rows", [b.op("Add", "add_rows", [b.op("Gather", "shortcut_rows",
-                                                                            [shortcut, out_rows], axis=0), y])])
-        out = b.op("ScatterND", "scatter", [shortcut, rows, joined])
-    else:
-        out = b.op("Relu", "relu", [b.op("ScatterND", "scatter", [shortcut, rows, y], reduction="add")])
+    out = b.op("Relu", "relu", [b.op("ScatterND", "scatter", [shortcut, rows, y], reduction="add")])
     cout = block.convs[2].inputs[1].shape[0]
     nhwc = b.op("Reshape", "out_nhwc", [out, b.const("out_shape", [-1, *block.out_hw, cout])])
     result = b.op("Transpose", "out", [nhwc], perm=[0, 3, 1, 2])

@@ -18,7 +18,7 @@ from dync.errors import DyncError, SpatialLoweringWarning
 from dync.exporter.capture import capture
 from dync.exporter.loading import eval_mode, load_model
 from dync.exporter.partition import Stage, partition
-from dync.exporter.passes import LoweringReport, lower_masked_bottlenecks
+from dync.exporter.passes import LoweringReport, lower_masked_bottlenecks, lower_token_dispatch, report_dispatches
 from dync.exporter.passes.spatial import ALWAYS_SPARSE, check_crossover
 from dync.exporter.passes.spatial import OPS as SPATIAL_OPS
 from dync.exporter.passes.spatial.crossover import measure_crossovers
@@ -91,7 +91,8 @@ def export(
 def _lower_spatial(
     model: onnx.ModelProto, stages: list[Stage], ops: str, crossover: float | None, report: Progress
 ) -> list[LoweringReport]:
-    """Lower the masked bottlenecks of each stage in place; returns one report per block.
+    """Lower the masked bottlenecks, then the token dispatches, of each stage in place; returns one report per
+    masked block (token dispatches are reported as progress, or a warning when left dense).
 
     Lowering comes after probing and partitioning, so that both see only static shapes and each stage's
     MACs are those of the dense model (what a mask saves depends on the input). The portable form's
@@ -100,12 +101,15 @@ def _lower_spatial(
     if ops == "portable" and crossover is None:
         report("measuring each masked bottleneck's dense/sparse crossover with onnxruntime")
         crossover = measure_crossovers(model, progress=report)
-    blocks = []
+    blocks, dispatches = [], []
     for stage in stages:
         stage.model, stage_blocks = lower_masked_bottlenecks(stage.model, ops, ALWAYS_SPARSE if crossover is None
                                                              else crossover)
+        stage.model, stage_dispatches = lower_token_dispatch(stage.model)
         blocks += stage_blocks
+        dispatches += stage_dispatches
     _report_blocks(blocks, report)
+    report_dispatches(dispatches, report)
     return blocks
 
 

@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from dync.errors import CaptureError
+from dync.exporter import rewrites
 from dync.package import BATCH_DIM
 
 INPUT_NAME = "input"
@@ -102,7 +103,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor, exits: Sequence[int] 
     wrapped = _SelectExits(model, exits)
     wrapped.training = False  # not .eval(): it would recurse into modules that refuse it (see eval_mode)
     try:
-        with quiet_torch_onnx():
+        with quiet_torch_onnx(), rewrites.recognize_per_sample_convs(model):
             program = torch.onnx.export(
                 wrapped,
                 (example,),
@@ -110,8 +111,11 @@ def capture(model: torch.nn.Module, example: torch.Tensor, exits: Sequence[int] 
                 input_names=[INPUT_NAME],
                 output_names=exit_names,
                 dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},),
+                custom_translation_table=rewrites.TRANSLATIONS,
                 verbose=False,
             )
+    except CaptureError:
+        raise
     except Exception as exc:
         raise _explain_capture_failure(exc) from exc
     graph_outputs = [o.name for o in program.model_proto.graph.output]

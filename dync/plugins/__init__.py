@@ -26,7 +26,7 @@ FACES = ("reference", "emit_onnx", "decompose_onnx", "cpu_fast", "triton", "tens
 DOMAIN = "dync"
 PLUGIN_ATTRIBUTES = ("plugin_version", "plugin_namespace")  # for TensorRT's parser, not op semantics
 
-_OP_MODULES = ("dync.plugins.gather_scatter",)
+_OP_MODULES = ("dync.plugins.gather_scatter", "dync.plugins.per_sample_conv")
 
 
 @dataclass(frozen=True)

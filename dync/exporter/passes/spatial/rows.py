@@ -69,6 +69,7 @@ def _dense_branch(block: Block, p: str) -> gs.Graph:
 
 
 def _rows_branch(block: Block, p: str) -> gs.Graph:
+    """The row form of the module docstring, as a graph whose one output is the block's NCHW output."""
     nodes: list[gs.Node] = []
     b = Builder(nodes, p)
     out_rows, sample, pixel = _out_rows(b, block)

@@ -1,0 +1,208 @@
+"""Fuse softmax attention into the standard ONNX `Attention` op (opset 23), which onnxruntime's CPU kernel runs
+faster than the unfused ops (see docs/attention.md for the measurements):
+
+    MatMul(Softmax(Add(Mul(MatMul(Mul(Q, a), KT), b), bias), axis=-1), V)  ->  Attention(Q, K, V, bias, scale=a*b)
+
+* Q, KT and V are rank 4 (`[batch, heads, tokens, head_dim]`; KT is `[batch, heads, head_dim, keys]`), so the
+  op's 4-D form applies and no head count is needed; K is KT with its last two axes swapped (a Transpose that
+  produced KT is composed with the swap, so onnxruntime sees at most one Transpose where there was one);
+* both Muls (by a scalar constant) and the Add are optional; the Add's output must have the scores' shape (the
+  bias broadcasts up to the scores, as `Attention`'s mask does, never the other way);
+* every intermediate feeds only the next node of the chain (a tensor read elsewhere is not fused away).
+
+Bias tables built per call and repeated over the batch (Agent attention's `table.repeat(b, 1, 1, 1)`) are
+taken before the repeat: inside the bias's tree of Adds, a `Tile` of a tensor whose first axis is 1 by
+repeats `[n, 1, ..., 1]` is bypassed, since the mask broadcasts over the batch anyway. The tree then depends
+on constants only and onnxruntime folds it to one table at session creation.
+
+Guarantees: graph inputs and outputs are unchanged, the batch axis stays dynamic, and outputs equal the
+unfused graph's to float rounding (onnxruntime's kernel computes the same products, scale and softmax).
+The model is converted to opset 23 with `onnx.version_converter` when something is fused; when nothing
+matches, or the converter cannot convert the model, the model is returned unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+ATTENTION_OPSET = 23
+
+
+@dataclass
+class _Match:
+    """One fusable chain: the nodes it replaces and what the Attention node reads."""
+
+    nodes: list[gs.Node]
+    q: gs.Tensor
+    kt: gs.Tensor
+    v: gs.Tensor
+    bias: gs.Tensor | None
+    scale: float
+    output: gs.Tensor
+
+
+def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """The model with every matching softmax attention fused, and how many were fused."""
+    if not _find_matches(_graph(model)):
+        return model, 0
+    try:
+        converted = version_converter.convert_version(model, ATTENTION_OPSET)
+    except Exception:  # the converter lacks an adapter for some op: leave the model unfused
+        return model, 0
+    graph = _graph(converted)
+    matches = _find_matches(graph)
+    for index, match in enumerate(matches):
+        _rewrite(graph, match, f"fused_attention_{index}")
+    graph.cleanup().toposort()
+    fused = gs.export_onnx(graph)
+    fused.ir_version = converted.ir_version
+    return fused, len(matches)
+
+
+def _graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import with inferred shapes: the rules check ranks and the bias's shape."""
+    return gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+
+
+def _find_matches(graph: gs.Graph) -> list[_Match]:
+    """Chains whose intermediates no graph output exposes."""
+    outputs = {t.name for t in graph.outputs}
+    matches = [_match(node) for node in graph.nodes if node.op == "Softmax"]
+    return [m for m in matches if m is not None
+            and not any(n.outputs[0].name in outputs for n in m.nodes if n.outputs[0] is not m.output)]
+
+
+def _match(softmax: gs.Node) -> _Match | None:
+    """The chain around `softmax`, or None when any part of the pattern is missing."""
+    if softmax.attrs.get("axis", -1) not in (-1, 3) or _rank(softmax.outputs[0]) != 4:
+        return None
+    pv = _only_consumer(softmax, "MatMul")
+    if pv is None or pv.inputs[0] is not softmax.outputs[0] or _rank(pv.inputs[1]) != 4:
+        return None
+    nodes, scale = [softmax, pv], 1.0
+    scores, bias = softmax.inputs[0], None
+    add = _producer(scores, "Add", single_use=True)
+    if add is not None:
+        scores, bias = _split_bias(add)
+        if scores is None:
+            return None
+        nodes.append(add)
+    post = _producer(scores, "Mul", single_use=True)
+    if post is not None and _scalar(post.inputs[1]) is not None:
+        scale *= _scalar(post.inputs[1])
+        scores = post.inputs[0]
+        nodes.append(post)
+    qk = _producer(scores, "MatMul", single_use=True)
+    if qk is None or _rank(qk.inputs[0]) != 4 or _rank(qk.inputs[1]) != 4:
+        return None
+    nodes.append(qk)
+    q = qk.inputs[0]
+    pre = _producer(q, "Mul", single_use=True)
+    if pre is not None and _scalar(pre.inputs[1]) is not None and _rank(pre.inputs[0]) == 4:
+        scale *= _scalar(pre.inputs[1])
+        q = pre.inputs[0]
+        nodes.append(pre)
+    return _Match(nodes=nodes, q=q, kt=qk.inputs[1], v=pv.inputs[1], bias=bias, scale=scale, output=pv.outputs[0])
+
+
+def _split_bias(add: gs.Node) -> tuple[gs.Tensor | None, gs.Tensor | None]:
+    """(scores, bias) of the Add, scores being the MatMul/Mul side; None when the bias would widen the scores."""
+    first, second = add.inputs
+    scores, bias = (first, second) if _producer(first, "MatMul") or _producer(first, "Mul") else (second, first)
+    if _shape(add.outputs[0]) is None or _shape(add.outputs[0]) != _shape(scores):
+        return None, None
+    return scores, bias
+
+
+def _rewrite(graph: gs.Graph, match: _Match, name: str) -> None:
+    """Replace the chain by one Attention node writing the chain's output tensor."""
+    for node in match.nodes:
+        node.outputs.clear()
+    inputs = [match.q, _untransposed(graph, match.kt, name), match.v]
+    if match.bias is not None:
+        _bypass_batch_tiles(match.bias)
+        inputs.append(match.bias)
+    graph.nodes.append(gs.Node(op="Attention", name=name, attrs={"scale": float(match.scale)}, inputs=inputs,
+                               outputs=[match.output]))
+
+
+def _untransposed(graph: gs.Graph, kt: gs.Tensor, name: str) -> gs.Tensor:
+    """K = KT with the last two axes swapped, composing with the Transpose that made KT if there is one."""
+    source, perm = kt, [0, 1, 3, 2]
+    producer = _producer(kt, "Transpose")
+    if producer is not None:
+        source, perm = producer.inputs[0], [producer.attrs["perm"][i] for i in perm]
+    if perm == [0, 1, 2, 3]:
+        return source
+    k = gs.Variable(f"{name}_k", dtype=kt.dtype)
+    graph.nodes.append(gs.Node(op="Transpose", name=f"{name}_transpose_k", attrs={"perm": perm}, inputs=[source],
+                               outputs=[k]))
+    return k
+
+
+def _bypass_batch_tiles(bias: gs.Tensor) -> None:
+    """Inside the bias's tree of single-use Adds, read each batch-repeating Tile's input instead of its output."""
+    producer = _producer(bias)
+    if producer is None or producer.op != "Add":
+        return
+    for i, operand in enumerate(producer.inputs):
+        tile = _producer(operand, "Tile", single_use=True)
+        if tile is not None and _repeats_batch_only(tile):
+            producer.inputs[i] = tile.inputs[0]
+        elif len(operand.outputs) == 1:
+            _bypass_batch_tiles(operand)
+
+
+def _repeats_batch_only(tile: gs.Node) -> bool:
+    """Tile(x, [n, 1, ..., 1]) with x's first axis 1: every batch entry is x, which broadcasting gives too."""
+    shape = _shape(tile.inputs[0])
+    if shape is None or shape[0] != 1:
+        return False
+    repeats = tile.inputs[1]
+    if isinstance(repeats, gs.Constant):
+        return bool(np.all(repeats.values[1:] == 1))
+    concat = _producer(repeats, "Concat")
+    return concat is not None and all(_scalar(t) == 1 for t in concat.inputs[1:])
+
+
+# --------------------------------------------------------------------------- #
+# Small queries on graphsurgeon tensors
+# --------------------------------------------------------------------------- #
+
+
+def _producer(tensor: gs.Tensor, op: str | None = None, single_use: bool = False) -> gs.Node | None:
+    """The node writing `tensor` if it is an `op` (and, with `single_use`, nothing else reads the tensor)."""
+    if not tensor.inputs or (op is not None and tensor.inputs[0].op != op):
+        return None
+    if single_use and len(tensor.outputs) != 1:
+        return None
+    return tensor.inputs[0]
+
+
+def _only_consumer(node: gs.Node, op: str) -> gs.Node | None:
+    out = node.outputs[0]
+    return out.outputs[0] if len(out.outputs) == 1 and out.outputs[0].op == op else None
+
+
+def _scalar(tensor: gs.Tensor) -> float | None:
+    """The value of a one-element constant (an initializer or a Constant node's output)."""
+    values = tensor.values if isinstance(tensor, gs.Constant) else None
+    producer = _producer(tensor, "Constant")
+    if producer is not None:
+        values = producer.attrs["value"].values
+    return float(np.asarray(values).reshape(-1)[0]) if values is not None and np.size(values) == 1 else None
+
+
+def _shape(tensor: gs.Tensor) -> list | None:
+    shape = tensor.values.shape if isinstance(tensor, gs.Constant) else tensor.shape
+    return None if shape is None else list(shape)
+
+
+def _rank(tensor: gs.Tensor) -> int | None:
+    shape = _shape(tensor)
+    return None if shape is None else len(shape)

@@ -1,0 +1,140 @@
+"""Rewrites applied while the forward is captured, for dynamic ops that models write in eager-only idioms.
+
+Per-sample convolution (ARC, CondConv-style kernels): eager code folds the batch into the channels and runs
+one grouped conv, `conv2d(x.reshape(1, B*Cin, H, W), w.reshape(B*Cout, Cin/g, kh, kw), groups=B*g)`. ONNX's
+Conv needs a constant `group`, so a dynamic batch cannot be captured. While `recognize_per_sample_convs` is
+active, a `TorchFunctionMode` sees every `conv2d` call during `torch.export` tracing; a call whose `groups`
+is symbolic (it depends on the batch) is replaced by
+
+    conv2d([1, B*Cin, H, W], [B*Cout, Cin/g, kh, kw], groups=B*g)
+      -> dync::per_sample_conv2d([B, Cin, H, W], [B, Cout, Cin/g, kh, kw], groups=g) -> [1, B*Cout, H', W']
+
+which returns the same folded layout, so the model's own reshape back to [B, Cout, H', W'] is untouched.
+Guarantees: every other call passes through unchanged, outputs equal eager, the batch stays symbolic. A
+batch-dependent `groups` that does not fit the pattern is a CaptureError naming the module; never a
+silently specialized graph. `TRANSLATIONS` lowers the op to its portable decomposition during ONNX export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.overrides import TorchFunctionMode
+
+from dync.errors import CaptureError
+from dync.plugins import per_sample_conv
+
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV2D_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def _pair(value: Any) -> list[int]:
+    """A conv hyper-parameter as [h, w]."""
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * 2
+
+
+class _PerSampleConvMode(TorchFunctionMode):
+    """Replaces batch-folded grouped convs by `dync::per_sample_conv2d`; knows the batch and the module stack."""
+
+    def __init__(self, module_names: dict[int, str]) -> None:
+        super().__init__()
+        self.module_names = module_names
+        self.batch: torch.SymInt | int | None = None
+        self.modules: list[torch.nn.Module] = []
+        self.error: CaptureError | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            call = {**_CONV2D_DEFAULTS, **dict(zip(_CONV2D_ARGS, args)), **kwargs}
+            if isinstance(call["groups"], torch.SymInt) and self.batch is not None:
+                return self._per_sample_conv(**call)
+        return func(*args, **kwargs)
+
+    def _where(self) -> str:
+        """The innermost module running, as `name (Class)`, for error messages."""
+        if not self.modules:
+            return "the model's forward"
+        module = self.modules[-1]
+        return f"module {self.module_names.get(id(module), '?') or '(root)'} ({type(module).__name__})"
+
+    def _fail(self, reason: str) -> CaptureError:
+        """The error, also kept so it survives torch.onnx wrapping it in errors of its own."""
+        self.error = CaptureError(f"{self._where()} calls conv2d with groups depending on the batch, but {reason}; "
+                            "dync lowers only conv2d(x.reshape(1, B*Cin, H, W), w.reshape(B*Cout, Cin/g, kh, kw), "
+                            "groups=B*g), so write the per-sample conv in that form.")
+        return self.error
+
+    def _per_sample_conv(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any,
+                         padding: Any, dilation: Any, groups: torch.SymInt) -> torch.Tensor:
+        """The folded grouped conv as `dync::per_sample_conv2d` on unfolded views, folded back."""
+        batch = self.batch
+        if isinstance(padding, str):
+            raise self._fail(f"padding={padding!r} is a string; pass the padding as numbers")
+        if input.dim() != 4 or weight.dim() != 4:
+            raise self._fail(f"its input and weight have {input.dim()} and {weight.dim()} dims, not 4")
+        if not statically_known_true(input.shape[0] == 1):
+            raise self._fail(f"its input {list(input.shape)} does not hold the batch folded into one image")
+        if not all(statically_known_true(n % batch == 0) for n in (groups, input.shape[1], weight.shape[0])):
+            raise self._fail(f"groups={groups}, the input's {input.shape[1]} channels and the weight's "
+                             f"{weight.shape[0]} kernels are not all provably multiples of the batch {batch}")
+        x = input.reshape(batch, -1, *input.shape[2:])
+        w = weight.reshape(batch, -1, *weight.shape[1:])
+        out = torch.ops.dync.per_sample_conv2d(x, w, _pair(stride), _pair(padding), _pair(dilation),
+                                               int(groups // batch))
+        if bias is not None:
+            out = out + bias.reshape(batch, -1, 1, 1)
+        return out.reshape(1, -1, *out.shape[2:])
+
+
+@contextlib.contextmanager
+def recognize_per_sample_convs(model: torch.nn.Module) -> Iterator[None]:
+    """While active, calls of `model` (e.g. under torch.export) see per-sample convs as one custom op.
+
+    The batch is read from the first argument of `model`'s forward; the module stack, kept by global
+    forward hooks, names the module in errors. Eager calls see plain ints for `groups` and are untouched.
+    """
+    mode = _PerSampleConvMode({id(m): name for name, m in model.named_modules()})
+
+    def read_batch(module: torch.nn.Module, args: tuple) -> None:
+        if mode.batch is None and args and isinstance(args[0], torch.Tensor):
+            mode.batch = args[0].shape[0]
+
+    def enter(module: torch.nn.Module, args: tuple) -> None:
+        mode.modules.append(module)
+
+    def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if mode.modules and mode.modules[-1] is module:
+            mode.modules.pop()
+
+    handles = [model.register_forward_pre_hook(read_batch),
+               torch.nn.modules.module.register_module_forward_pre_hook(enter),
+               torch.nn.modules.module.register_module_forward_hook(leave)]
+    try:
+        with mode:
+            yield
+    except Exception as exc:
+        if mode.error is not None and mode.error is not exc:
+            raise mode.error from exc
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _per_sample_conv2d_onnx(x: Any, weight: Any, stride: list[int], padding: list[int], dilation: list[int],
+                            groups: int) -> Any:
+    """torch.onnx translation of `dync::per_sample_conv2d`: the op's portable decomposition, batch dynamic."""
+    from onnxscript import opset18
+
+    kernel_shape = [int(d) for d in weight.shape[3:]]
+    attrs = per_sample_conv.conv_attributes(kernel_shape, stride, padding, dilation, groups)
+    return per_sample_conv.build_decomposition(per_sample_conv.ScriptBuilder(opset18), x, weight, None, **attrs)
+
+
+TRANSLATIONS = {torch.ops.dync.per_sample_conv2d.default: _per_sample_conv2d_onnx}
+"""Pass as `torch.onnx.export(..., custom_translation_table=TRANSLATIONS)`."""

@@ -1,0 +1,116 @@
+"""FLatten and Agent attention look-alikes export unmodified, exact against eager, with a dynamic batch.
+
+Every model of `tests/zoo_attention.py` is exported once per module. Checks: the package equals eager at the
+export batch's neighbours and at batches never seen (1, 3, 5), `verify` passes, the agent bias tables are
+folded to the constants eager computes (no interpolation on weights left in the graph), adaptive average
+pooling to grids that do not divide the map is exact, and the attention-fusion pass keeps a package exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import Tensor, nn
+
+import dync
+from dync.exporter.passes.attention import fuse_attention
+from dync.runtime.backends.ort import OrtSettings, session_from_onnx
+from dync.runtime.engine import Engine
+from dync.verify import verify
+from tests.helpers import assert_close, eager_outputs, random_input
+from tests.zoo_attention import ATTENTION_ZOO, AgentAttention
+
+INTERPOLATION_OPS = {"Resize", "GridSample", "Upsample", "AffineGrid"}
+BATCHES = (1, 3, 5)
+"""The export runs at batch 2: 1, 3 and 5 are batches the package never saw."""
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Module, Engine]]:
+    """Each zoo model (seed 0) and its loaded package, exported once for the module."""
+    root = tmp_path_factory.mktemp("attention")
+    exported = {}
+    for name, (factory, shape) in ATTENTION_ZOO.items():
+        torch.manual_seed(0)
+        model = factory()
+        exported[name] = (model, dync.load(dync.export(model, root / f"{name}.dync", input_shape=shape)))
+    return exported
+
+
+def _stage_model(engine: Engine) -> onnx.ModelProto:
+    (stage,) = engine.manifest.stages
+    return onnx.load(Path(engine.package_dir) / stage.onnx)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_ZOO))
+def test_package_equals_eager_at_unseen_batches(name: str, packages: dict) -> None:
+    model, engine = packages[name]
+    for batch in BATCHES:
+        x = random_input(ATTENTION_ZOO[name][1][1:], batch, seed=batch)
+        assert_close(engine.run(x).logits, eager_outputs(model, x)[0], what=f"{name}, batch {batch}")
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_ZOO))
+def test_verify_passes(name: str, packages: dict) -> None:
+    model, engine = packages[name]
+    assert verify(engine, model, batch=3, record=False).passed
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_ZOO))
+def test_no_interpolation_on_weights(name: str, packages: dict) -> None:
+    """Bias tables and position encodings depend on parameters only: nothing may resample them per call."""
+    graph = _stage_model(packages[name][1]).graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    on_weights = [n.name for n in graph.node if n.op_type in INTERPOLATION_OPS and n.input[0] in constants]
+    assert not on_weights, f"{name}: interpolation of constants left in the graph: {on_weights}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in ATTENTION_ZOO if n.startswith("agent")))
+def test_agent_bias_tables_fold_to_eager_constants(name: str, packages: dict) -> None:
+    """The 7x7 tables bilinearly interpolated to the key grid are stored as initializers equal to eager's.
+
+    The exporter may fold the reshape/permute that follows into the table, so values are compared sorted.
+    """
+    model, engine = packages[name]
+    stored = [np.sort(numpy_helper.to_array(t), axis=None) for t in _stage_model(engine).graph.initializer]
+    for attn in (m for m in model.modules() if isinstance(m, AgentAttention)):
+        for table in (attn.an_bias, attn.na_bias):
+            with torch.no_grad():
+                expected = np.sort(F.interpolate(table, size=attn.grid, mode="bilinear").numpy(), axis=None)
+            assert any(s.shape == expected.shape and np.allclose(s, expected, rtol=1e-5, atol=1e-6) for s in stored), (
+                f"{name}: no initializer holds the interpolated {tuple(table.shape[:2])} x {attn.grid} table")
+
+
+class AdaptivePools(nn.Module):
+    """Adaptive average pools of (map side, grid) pairs, most not dividing (overlapping, uneven cells)."""
+
+    SIZES = ((10, 7), (7, 3), (7, 2), (13, 5), (14, 7), (9, (4, 6)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([F.adaptive_avg_pool2d(x[..., :m, :m], out).flatten(1) for m, out in self.SIZES], dim=1)
+
+
+def test_adaptive_pooling_to_non_dividing_grids_is_exact(tmp_path: Path) -> None:
+    model = AdaptivePools().eval()
+    engine = dync.load(dync.export(model, tmp_path / "pools.dync", input_shape=(2, 4, 14, 14)))
+    for batch in (1, 3):
+        x = random_input((4, 14, 14), batch, seed=batch)
+        assert_close(engine.run(x).logits, eager_outputs(model, x)[0], what=f"batch {batch}")
+
+
+@pytest.mark.parametrize("name", ["agent_pvt_10", "flatten_pvt"])
+def test_fused_package_equals_eager(name: str, packages: dict) -> None:
+    """The attention-fusion pass applied to an exported stage keeps it exact and its batch dynamic."""
+    model, engine = packages[name]
+    fused, count = fuse_attention(_stage_model(engine))
+    assert count >= 1
+    session = session_from_onnx(fused, OrtSettings())
+    for batch in (1, 3):
+        x = random_input(ATTENTION_ZOO[name][1][1:], batch, seed=batch)
+        assert_close(session.run(None, {"input": x})[0], eager_outputs(model, x)[0], what=f"{name}, batch {batch}")

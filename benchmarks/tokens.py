@@ -46,7 +46,7 @@ def _export(model: torch.nn.Module, path: Path, **options: object) -> Path:
 
 
 def _macs(package: Path) -> int:
-    return dync.load(package).manifest.stages[-1].exit.cumulative_macs
+    return dync.load(package).manifest.full_macs
 
 
 def pruning_rows(depth: int, repeats: int, work: Path) -> list[str]:
@@ -70,9 +70,9 @@ def pruning_rows(depth: int, repeats: int, work: Path) -> list[str]:
 
 def dispatch_rows(depth: int, repeats: int, work: Path) -> list[str]:
     torch.manual_seed(0)
-    model = DyTLike(depth=depth, **VIT_S).eval()
-    packages = {"dync": _export(model, work / "dyt.dync"), "unlowered": _export(model, work / "dyt_dense.dync",
-                                                                                lower_spatial=False)}
+    base = DyTLike(depth=depth, **VIT_S).eval()
+    packages = {"dync": _export(base, work / "dyt.dync"), "unlowered": _export(base, work / "dyt_dense.dync",
+                                                                               lower_spatial=False)}
     dense_macs = _macs(packages["unlowered"])
     rows = []
     for batch in BATCHES:
@@ -80,13 +80,14 @@ def dispatch_rows(depth: int, repeats: int, work: Path) -> list[str]:
         engines = {}
         kept = {}
         for fraction in FRACTIONS:
+            model = copy.deepcopy(base)
             set_kept_fraction(model, fraction, torch.from_numpy(x))
             kept[fraction] = [float(f.mean()) for f in mlp_kept_fractions(model, torch.from_numpy(x))]
             for name, package in packages.items():
                 engines[(name, fraction)] = _with_gate_biases(package, model, work / f"{name}_{batch}_{fraction}")
         times = median_times({k: functools.partial(e.run, x) for k, e in engines.items()}, repeats=repeats)
         for fraction in FRACTIONS:
-            saved = sum(1.0 - f for f in kept[fraction]) * _mlp_macs(model)
+            saved = sum(1.0 - f for f in kept[fraction]) * _mlp_macs(base)
             ideal = dense_macs / (dense_macs - saved)
             vs_unlowered = times[("unlowered", fraction)] / times[("dync", fraction)]
             vs_all = times[("dync", 1.0)] / times[("dync", fraction)]
@@ -96,9 +97,9 @@ def dispatch_rows(depth: int, repeats: int, work: Path) -> list[str]:
 
 
 def _mlp_macs(model: DyTLike) -> int:
-    """MACs of one block's MLP for one token (the two matrix products)."""
+    """MACs of one block's MLP for one sample (the two matrix products on every token)."""
     mlp = model.blocks[0].mlp
-    return mlp[0].weight.numel() + mlp[2].weight.numel()
+    return (mlp[0].weight.numel() + mlp[2].weight.numel()) * (model.trunk.patches + 1)
 
 
 def _with_gate_biases(package: Path, model: DyTLike, copy_to: Path) -> Engine:

@@ -86,7 +86,8 @@ def main() -> None:
 @click.option("--exits", callback=_parse_exits, help="Forward outputs to use as exits, in compute order, e.g. 0,2,4.")
 @click.option("--name", help="Package name (default: the output directory's name).")
 @click.option("--lower-spatial/--no-lower-spatial", default=True, show_default=True,
-              help="Run LASNet-style masked bottlenecks as gather-scatter, exact against eager.")
+              help="Run masked bottlenecks as gather-scatter and gated token MLPs on kept tokens only, exact "
+                   "against eager.")
 @click.option("--ops", type=click.Choice(["portable", "plugins"]), default="portable", show_default=True,
               help="portable: standard ONNX (onnxruntime); plugins: dync:: nodes for TensorRT's plugins.")
 @click.option("--spatial-crossover", callback=_parse_crossover, default="auto", show_default=True,

@@ -44,6 +44,7 @@ def describe(package: str | Path) -> dict[str, Any]:
         "thresholds": manifest.thresholds,
         "custom_ops": manifest.custom_ops,
         "spatial": manifest.spatial,
+        "tokens": manifest.tokens,
         "verification": manifest.verification,
         "provenance": manifest.provenance,
     }
@@ -65,6 +66,7 @@ def format_description(description: dict[str, Any]) -> str:
     stored = thresholds if thresholds is not None else "none stored (every sample runs to the last exit)"
     lines += ["", f"thresholds: {stored}"]
     lines += _spatial_lines(description["spatial"])
+    lines += _token_lines(description["tokens"])
     if description["custom_ops"]:
         ops = ", ".join(f"{o['op']} (without its plugin: {o['fallback']})" for o in description["custom_ops"])
         lines.append(f"custom ops: {ops}")
@@ -89,4 +91,14 @@ def _spatial_lines(blocks: list[dict[str, Any]]) -> list[str]:
             lines.append(f"  {b['node']}: dense, {b['reason']}")
         elif b["crossover"] is not None:
             lines.append(f"  {b['node']}: runs dense when the batch's mask density is above {b['crossover']:.0%}")
+    return lines
+
+
+def _token_lines(dispatches: list[dict[str, Any]]) -> list[str]:
+    """One line for the gated token MLPs the token pass saw, and the reason for each left dense."""
+    if not dispatches:
+        return []
+    lowered = sum(d["lowered"] for d in dispatches)
+    lines = [f"token dispatches: {lowered} of {len(dispatches)} run their MLP on the kept tokens only"]
+    lines += [f"  {d['node']}: dense, {d['reason']}" for d in dispatches if not d["lowered"]]
     return lines

@@ -49,3 +49,7 @@ class SpatialLoweringError(DyncError):
 
 class SpatialLoweringWarning(UserWarning):
     """A masked block the spatial pass found but left dense; the message names the node and the reason."""
+
+
+class TokenLoweringWarning(SpatialLoweringWarning):
+    """A gated token MLP the token-dispatch pass found but left as it is; the message names the node and why."""

@@ -60,8 +60,9 @@ class Manifest:
 
     `exit_selection` is the `--exits` choice (indices into the forward's outputs), None for all of them.
     `spatial` has one record per masked bottleneck the spatial pass looked at: node, lowered, reason, and the
-    crossover density above which the block runs dense. `custom_ops` lists the `dync::` ops the stages use
-    and the fallback a backend without their plugin takes.
+    crossover density above which the block runs dense. `tokens` likewise for gated token MLPs (DyT-style
+    dispatch): node, lowered, reason, and the number of MLP nodes run on kept tokens only. `custom_ops` lists
+    the `dync::` ops the stages use and the fallback a backend without their plugin takes.
     """
 
     name: str
@@ -72,6 +73,7 @@ class Manifest:
     exit_selection: list[int] | None = None
     custom_ops: list[dict[str, Any]] = field(default_factory=list)
     spatial: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     format: str = FORMAT_NAME
@@ -139,6 +141,7 @@ def _manifest_from_json(raw: Any, path: Path) -> Manifest:
             exit_selection=raw.get("exit_selection"),
             custom_ops=raw.get("custom_ops", []),
             spatial=raw.get("spatial", []),
+            tokens=raw.get("tokens", []),
             verification=raw.get("verification"),
             calibration=raw.get("calibration"),
         )

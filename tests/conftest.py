@@ -7,6 +7,7 @@ loader) and exported from that file. The export is observed, not repeated: `capt
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import Any
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter; set before any kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from click.testing import CliRunner, Result
 
 import dync

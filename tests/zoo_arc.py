@@ -20,6 +20,7 @@ Conventions as in ``tests/zoo.py``: factories return eval-mode models built dete
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -150,7 +151,7 @@ class ArcResNetLike(nn.Module):
                                   nn.ReLU())
         self.stage1 = nn.Sequential(nn.Conv2d(widths[0], widths[0], 3, padding=1, bias=False),
                                     nn.BatchNorm2d(widths[0]), nn.ReLU())
-        self.stages = nn.Sequential(*(ArcBasicBlock(cin, cout, 2) for cin, cout in zip(widths, widths[1:])))
+        self.stages = nn.Sequential(*(ArcBasicBlock(cin, cout, 2) for cin, cout in itertools.pairwise(widths)))
         self.fc = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -90,7 +90,7 @@ def _reduced(attn: nn.Module, x: Tensor, h: int, w: int) -> Tensor:
     """PVT's spatial reduction: the tokens keys and values are computed from (strided conv + LayerNorm)."""
     if attn.sr_ratio == 1:
         return x
-    b, n, c = x.shape
+    b, _, c = x.shape
     x = attn.sr(x.permute(0, 2, 1).reshape(b, c, h, w)).reshape(b, c, -1).permute(0, 2, 1)
     return attn.norm(x)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import shutil
@@ -18,7 +19,14 @@ from dync.errors import DyncError, SpatialLoweringWarning
 from dync.exporter.capture import capture
 from dync.exporter.loading import eval_mode, load_model
 from dync.exporter.partition import Stage, partition
-from dync.exporter.passes import LoweringReport, lower_masked_bottlenecks, lower_token_dispatch, report_dispatches
+from dync.exporter.passes import (
+    DispatchReport,
+    LoweringReport,
+    lower_masked_bottlenecks,
+    lower_token_dispatch,
+    report_dispatches,
+)
+from dync.exporter.passes.attention import fuse_attention
 from dync.exporter.passes.spatial import ALWAYS_SPARSE, check_crossover
 from dync.exporter.passes.spatial import OPS as SPATIAL_OPS
 from dync.exporter.passes.spatial.crossover import measure_crossovers
@@ -33,7 +41,7 @@ from dync.package import (
     TensorSpec,
     write_manifest,
 )
-from dync.plugins import custom_ops_used
+from dync.plugins import custom_ops_used, decompose_custom_nodes
 
 DEFAULT_INPUT_SHAPE = (16, 3, 32, 32)
 EXIT_CRITERION = "max_softmax"
@@ -74,25 +82,27 @@ def export(
     report("capturing the forward with torch.export")
     captured = capture(model, example, exits)
     report(f"probing {len(captured.model.graph.node)} nodes for batched tensors")
-    probe = probe_graph(captured.model, captured.input_name, tuple(input_shape[1:]))
+    probe = probe_graph(decompose_custom_nodes(captured.model), captured.input_name, tuple(input_shape[1:]))
     report(f"partitioning into {len(captured.exit_names)} stage(s)")
     stages = partition(captured.model, captured.exit_names, probe, labels=exits)
-    spatial = _lower_spatial(captured.model, stages, ops, spatial_crossover, report) if lower_spatial else []
+    spatial, tokens = _lower_dynamic_ops(captured.model, stages, ops, spatial_crossover, report) if lower_spatial \
+        else ([], [])
     output = Path(output)
     package_name = name or output.name.removesuffix(".dync")
     manifest = _manifest(package_name, captured.input_name, input_shape, stages, probe, source, exits)
     manifest.spatial = [_spatial_record(r) for r in spatial]
+    manifest.tokens = [dataclasses.asdict(r) for r in tokens]
     manifest.custom_ops = custom_ops_used([s.model for s in stages])
     _write_package(output, manifest, stages)
     report(f"wrote {output}")
     return output
 
 
-def _lower_spatial(
+def _lower_dynamic_ops(
     model: onnx.ModelProto, stages: list[Stage], ops: str, crossover: float | None, report: Progress
-) -> list[LoweringReport]:
-    """Lower the masked bottlenecks, then the token dispatches, of each stage in place; returns one report per
-    masked block (token dispatches are reported as progress, or a warning when left dense).
+) -> tuple[list[LoweringReport], list[DispatchReport]]:
+    """Lower the masked bottlenecks and the token dispatches of each stage in place, and (portable form) fuse
+    softmax attention into ONNX Attention nodes; returns one report per masked block and per token dispatch.
 
     Lowering comes after probing and partitioning, so that both see only static shapes and each stage's
     MACs are those of the dense model (what a mask saves depends on the input). The portable form's
@@ -106,11 +116,15 @@ def _lower_spatial(
         stage.model, stage_blocks = lower_masked_bottlenecks(stage.model, ops, ALWAYS_SPARSE if crossover is None
                                                              else crossover)
         stage.model, stage_dispatches = lower_token_dispatch(stage.model)
+        if ops == "portable":  # TensorRT's parser has no ONNX Attention: the plugin form keeps the unfused ops
+            stage.model, fused = fuse_attention(stage.model)
+            if fused:
+                report(f"stage {stage.name}: {fused} softmax attention(s) fused into one ONNX Attention node each")
         blocks += stage_blocks
         dispatches += stage_dispatches
     _report_blocks(blocks, report)
     report_dispatches(dispatches, report)
-    return blocks
+    return blocks, dispatches
 
 
 def _report_blocks(blocks: list[LoweringReport], report: Progress) -> None:

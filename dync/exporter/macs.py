@@ -38,6 +38,12 @@ def _conv_transpose(node: gs.Node, shape: Callable[[gs.Tensor], tuple[int, ...]]
     return prod(shape(node.inputs[0])) * prod(weight[1:])
 
 
+@counts("PerSampleConv2d")
+def _per_sample_conv(node: gs.Node, shape: Callable[[gs.Tensor], tuple[int, ...]]) -> int:
+    weight = shape(node.inputs[1])  # [B, Cout, Cin / groups, *kernel]: one kernel per sample
+    return prod(shape(node.outputs[0])) * prod(weight[2:])
+
+
 @counts("Gemm")
 def _gemm(node: gs.Node, shape: Callable[[gs.Tensor], tuple[int, ...]]) -> int:
     a = shape(node.inputs[0])

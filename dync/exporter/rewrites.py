@@ -12,7 +12,7 @@ is symbolic (it depends on the batch) is replaced by
 which returns the same folded layout, so the model's own reshape back to [B, Cout, H', W'] is untouched.
 Guarantees: every other call passes through unchanged, outputs equal eager, the batch stays symbolic. A
 batch-dependent `groups` that does not fit the pattern is a CaptureError naming the module; never a
-silently specialized graph. `TRANSLATIONS` lowers the op to its portable decomposition during ONNX export.
+silently specialized graph. `TRANSLATIONS` emits the op as its `dync::PerSampleConv2d` plugin node.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class _PerSampleConvMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.conv2d:
-            call = {**_CONV2D_DEFAULTS, **dict(zip(_CONV2D_ARGS, args)), **kwargs}
+            call = {**_CONV2D_DEFAULTS, **dict(zip(_CONV2D_ARGS, args, strict=False)), **kwargs}
             if isinstance(call["groups"], torch.SymInt) and self.batch is not None:
                 return self._per_sample_conv(**call)
         return func(*args, **kwargs)
@@ -128,12 +128,19 @@ def recognize_per_sample_convs(model: torch.nn.Module) -> Iterator[None]:
 
 def _per_sample_conv2d_onnx(x: Any, weight: Any, stride: list[int], padding: list[int], dilation: list[int],
                             groups: int) -> Any:
-    """torch.onnx translation of `dync::per_sample_conv2d`: the op's portable decomposition, batch dynamic."""
-    from onnxscript import opset18
+    """torch.onnx translation of `dync::per_sample_conv2d`: the `dync::PerSampleConv2d` plugin node.
 
+    Runtimes take it from there: onnxruntime through the op's fast CPU path (a graph per batch size) or its
+    portable decomposition, TensorRT through the plugin.
+    """
+    from onnxscript.values import Opset
+
+    record = per_sample_conv.OP
+    per_sample_conv.register_onnx_schema()
     kernel_shape = [int(d) for d in weight.shape[3:]]
     attrs = per_sample_conv.conv_attributes(kernel_shape, stride, padding, dilation, groups)
-    return per_sample_conv.build_decomposition(per_sample_conv.ScriptBuilder(opset18), x, weight, None, **attrs)
+    return Opset(record.domain, 1).PerSampleConv2d(x, weight, plugin_version=record.version,
+                                                   plugin_namespace=record.namespace, **attrs)
 
 
 TRANSLATIONS = {torch.ops.dync.per_sample_conv2d.default: _per_sample_conv2d_onnx}

@@ -19,8 +19,8 @@ from dync.errors import PluginError
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["FACES", "PluginError", "PluginOp", "custom_ops_used", "decompose_custom_nodes", "faces", "get", "names",
-           "register"]
+__all__ = ["FACES", "PluginError", "PluginOp", "custom_nodes", "custom_ops_used", "decompose_custom_nodes", "faces",
+           "get", "has_fast_cpu_path", "names", "register", "specialize_custom_nodes"]
 
 FACES = ("reference", "emit_onnx", "decompose_onnx", "cpu_fast", "triton", "tensorrt")
 DOMAIN = "dync"
@@ -118,10 +118,26 @@ def names() -> tuple[str, ...]:
 
 
 def custom_ops_used(models: list[onnx.ModelProto]) -> list[dict[str, str]]:
-    """One record per `dync::` op the models use: its plugin id and version, and the fallback without it."""
+    """One record per `dync::` op the models use: its plugin id and version, and what runs it without the plugin."""
     used = sorted({node.op_type for model in models for node in model.graph.node if node.domain == DOMAIN})
     return [{"op": f"{DOMAIN}::{name}", "plugin": get(name).plugin_id, "plugin_version": get(name).version,
-             "fallback": "portable decomposition"} for name in used]
+             "fallback": _fallback(get(name))} for name in used]
+
+
+def _fallback(op: PluginOp) -> str:
+    if op.cpu_fast is not None:
+        return "onnxruntime: a graph specialized per batch size (fast CPU path); elsewhere the portable decomposition"
+    return "portable decomposition"
+
+
+def custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The model's top-level `dync::` nodes."""
+    return [node for node in model.graph.node if node.domain == DOMAIN]
+
+
+def has_fast_cpu_path(model: onnx.ModelProto) -> bool:
+    """Whether every `dync::` node of `model` has a fast CPU path (so a batch-specialized graph can replace all)."""
+    return bool(custom_nodes(model)) and all(get(node.op_type).cpu_fast is not None for node in custom_nodes(model))
 
 
 def decompose_custom_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -129,6 +145,15 @@ def decompose_custom_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     This is how a runtime without the op's plugin (onnxruntime) runs a package exported for TensorRT.
     """
+    return _replace_custom_nodes(model, "decompose_onnx")
+
+
+def specialize_custom_nodes(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A copy of `model` for one batch size, every `dync::` node replaced by its fast CPU path."""
+    return _replace_custom_nodes(model, "cpu_fast", batch=batch)
+
+
+def _replace_custom_nodes(model: onnx.ModelProto, face: str, **options: Any) -> onnx.ModelProto:
     import onnx.helper
 
     nodes = []
@@ -138,13 +163,13 @@ def decompose_custom_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
                  if a.name not in PLUGIN_ATTRIBUTES}
-        decompose = get(node.op_type).face("decompose_onnx")
-        nodes.extend(decompose(list(node.input), list(node.output), prefix=f"{node.name}/", **attrs))
-    portable = onnx.ModelProto()
-    portable.CopyFrom(model)
-    del portable.graph.node[:]
-    portable.graph.node.extend(nodes)
-    kept = [o for o in portable.opset_import if o.domain != DOMAIN]
-    del portable.opset_import[:]
-    portable.opset_import.extend(kept)
-    return portable
+        build = get(node.op_type).face(face)
+        nodes.extend(build(list(node.input), list(node.output), prefix=f"{node.name}/", **attrs, **options))
+    replaced = onnx.ModelProto()
+    replaced.CopyFrom(model)
+    del replaced.graph.node[:]
+    replaced.graph.node.extend(nodes)
+    kept = [o for o in replaced.opset_import if o.domain != DOMAIN]
+    del replaced.opset_import[:]
+    replaced.opset_import.extend(kept)
+    return replaced

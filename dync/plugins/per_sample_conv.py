@@ -95,6 +95,31 @@ def emit_per_sample_conv2d(inputs: Sequence[str], outputs: Sequence[str], *, ker
     )
 
 
+def register_onnx_schema() -> None:
+    """Tell onnx (and so onnxscript, which torch.onnx's translations use) the node's signature, once."""
+    import onnx.defs
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema(OP.name, 1, OP.domain)
+        return
+    except onnx.defs.SchemaError:
+        pass
+    ints, text = OpSchema.AttrType.INTS, OpSchema.AttrType.STRING
+    onnx.defs.register_schema(OpSchema(
+        OP.name, OP.domain, 1,
+        doc="Convolution with one kernel per sample: x [B,Cin,H,W], weight [B,Cout,Cin/group,kh,kw].",
+        inputs=[OpSchema.FormalParameter("x", "T"), OpSchema.FormalParameter("weight", "T")],
+        outputs=[OpSchema.FormalParameter("y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "Floating-point tensors.")],
+        attributes=[*(OpSchema.Attribute(name, ints, "As ONNX Conv.") for name in
+                      ("kernel_shape", "strides", "pads", "dilations")),
+                    OpSchema.Attribute("group", OpSchema.AttrType.INT, "As ONNX Conv."),
+                    OpSchema.Attribute("plugin_version", text, "TensorRT plugin version."),
+                    OpSchema.Attribute("plugin_namespace", text, "TensorRT plugin namespace.")],
+    ))
+
+
 class NodeListBuilder:
     """Builds `onnx.helper` nodes named under `prefix`; `build(..., out=name)` names a node's output."""
 
@@ -170,6 +195,24 @@ def decompose_per_sample_conv2d(inputs: Sequence[str], outputs: Sequence[str], *
     g = NodeListBuilder(prefix)
     build_decomposition(g, inputs[0], inputs[1], outputs[0], kernel_shape=kernel_shape, strides=strides,
                         pads=pads, dilations=dilations, group=group)
+    return g.nodes
+
+def specialize_per_sample_conv2d(inputs: Sequence[str], outputs: Sequence[str], *, batch: int,
+                                 kernel_shape: Sequence[int], strides: Sequence[int], pads: Sequence[int],
+                                 dilations: Sequence[int], group: int,
+                                 prefix: str = "per_sample_conv2d/") -> list[onnx.NodeProto]:
+    """The fast CPU path: for one known batch B, the eager idiom itself, one Conv with `group = B * g`.
+
+    onnxruntime's grouped Conv unfolds one group at a time, which beats the batch-agnostic decomposition;
+    the price is a graph per batch size, which the onnxruntime backend builds and caches on demand.
+    """
+    g = NodeListBuilder(prefix)
+    images = g.build("Reshape", inputs[0], g.const([1, -1, 0, 0]))
+    kernels = g.build("Reshape", inputs[1], g.build("Concat", g.const([-1]), g.build("Shape", inputs[1], start=2),
+                                                    axis=0))
+    folded = g.build("Conv", images, kernels, kernel_shape=list(kernel_shape), strides=list(strides),
+                     pads=list(pads), dilations=list(dilations), group=batch * group)
+    g.build("Reshape", folded, g.const([batch, -1, 0, 0]), out=outputs[0])
     return g.nodes
 
 
@@ -297,6 +340,7 @@ OP = register(PluginOp(
     reference=per_sample_conv2d,
     emit_onnx=emit_per_sample_conv2d,
     decompose_onnx=decompose_per_sample_conv2d,
+    cpu_fast=specialize_per_sample_conv2d,
     triton=per_sample_conv2d_triton,
     tensorrt=register_tensorrt,
 ))

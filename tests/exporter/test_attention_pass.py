@@ -16,12 +16,13 @@ from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 from tests.helpers import assert_close
 
 HEADS, QUERIES, KEYS, HEAD_DIM = 2, 5, 7, 4
-OUTPUT_SHAPES = {"y": ["B", HEADS, QUERIES, HEAD_DIM], "p": ["B", HEADS, QUERIES, KEYS], "r": ["B", HEADS, QUERIES, KEYS]}
+SCORES = ["B", HEADS, QUERIES, KEYS]
+OUTPUT_SHAPES = {"y": ["B", HEADS, QUERIES, HEAD_DIM], "p": SCORES, "r": SCORES}
 
 
 def _graph(nodes: list[onnx.NodeProto], outputs: tuple[str, ...] = ("y",)) -> onnx.ModelProto:
     """Inputs q [B, H, S, d], k [B, L, H, d] (keys before their head transpose), v [B, H, L, d]; a bias table
-    [1, H, S, L]; the opset torch.onnx exports."""
+    [1, H, S, L], keys [1, H, d, L] shared by the batch; the opset torch.onnx exports."""
     def info(name: str, shape: list) -> onnx.ValueInfoProto:
         return oh.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
@@ -29,16 +30,20 @@ def _graph(nodes: list[onnx.NodeProto], outputs: tuple[str, ...] = ("y",)) -> on
     inits = [oh.make_tensor("scale", TensorProto.FLOAT, [], [HEAD_DIM**-0.5]),
              oh.make_tensor("table", TensorProto.FLOAT, [1, HEADS, QUERIES, KEYS],
                             rng.standard_normal(HEADS * QUERIES * KEYS).tolist()),
+             oh.make_tensor("shared_kt", TensorProto.FLOAT, [1, HEADS, HEAD_DIM, KEYS],
+                            rng.standard_normal(HEADS * HEAD_DIM * KEYS).tolist()),
              oh.make_tensor("ones", TensorProto.INT64, [3], [1, 1, 1]),
-             oh.make_tensor("first", TensorProto.INT64, [1], [0]), oh.make_tensor("second", TensorProto.INT64, [1], [1])]
-    graph = oh.make_graph(nodes, "attention",
-                          [info("q", ["B", HEADS, QUERIES, HEAD_DIM]), info("k", ["B", KEYS, HEADS, HEAD_DIM]),
-                           info("v", ["B", HEADS, KEYS, HEAD_DIM])], [info(o, OUTPUT_SHAPES[o]) for o in outputs], inits)
+             oh.make_tensor("first", TensorProto.INT64, [1], [0]),
+             oh.make_tensor("second", TensorProto.INT64, [1], [1])]
+    inputs = [info("q", ["B", HEADS, QUERIES, HEAD_DIM]), info("k", ["B", KEYS, HEADS, HEAD_DIM]),
+              info("v", ["B", HEADS, KEYS, HEAD_DIM])]
+    graph = oh.make_graph(nodes, "attention", inputs, [info(o, OUTPUT_SHAPES[o]) for o in outputs], inits)
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 20)])
 
 
-def _keys(perm: list[int] = (0, 2, 3, 1)) -> list[onnx.NodeProto]:
-    return [oh.make_node("Transpose", ["k"], ["kt"], perm=list(perm))]
+def _keys() -> list[onnx.NodeProto]:
+    """kt = k as [B, H, d, L], the transpose torch.onnx emits for `k.transpose(-2, -1)` after the head split."""
+    return [oh.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 3, 1])]
 
 
 def _batch_tiled_bias() -> list[onnx.NodeProto]:
@@ -64,13 +69,14 @@ FUSED = {  # name: nodes of a chain the pass must fuse
     "pvt: scores scaled after the matmul, no bias": _keys() + SCALED_SCORES + _softmax_av("s"),
     "swin: constant bias first in the Add": _keys() + SCALED_Q + [oh.make_node("Add", ["table", "s"], ["sb"])]
     + _softmax_av("sb"),
-    "keys already [B, H, d, L], no scale": _keys((0, 2, 3, 1)) + [oh.make_node("MatMul", ["q", "kt"], ["s"])]
-    + _softmax_av("s"),
+    "no scale, no bias": [*_keys(), oh.make_node("MatMul", ["q", "kt"], ["s"]), *_softmax_av("s")],
 }
 
 NOT_FUSED = {  # name: (nodes, graph outputs) of a chain the pass must leave alone
     "softmax over the queries": (_keys() + SCALED_Q + _softmax_av("s", axis=2), ("y",)),
     "probabilities also an output": (_keys() + SCALED_Q + _softmax_av("s"), ("y", "p")),
+    "keys shared by the batch (MatMul broadcasts, Attention would not)":
+        ([oh.make_node("MatMul", ["q", "shared_kt"], ["s"]), *_softmax_av("s")], ("y",)),
     "scores read twice": (_keys() + SCALED_Q + _softmax_av("s") + [oh.make_node("Relu", ["s"], ["r"])], ("y", "r")),
 }
 

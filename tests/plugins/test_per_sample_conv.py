@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,16 +187,27 @@ def test_triton_kernel_matches_reference(case: Case):
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not _HAS_TRITON, reason="triton is not installed")
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-def test_kernel_compiles_ahead_of_time_to_ptx_with_the_aot_argument_order():
-    """What `@trtp.aot_impl` returns is built here; compiling for sm_90 needs no GPU."""
-    from triton.backends.compiler import GPUTarget
+AOT_SCRIPT = """
+from triton.backends.compiler import GPUTarget
+from dync.plugins import per_sample_conv as psc
+kernel = psc.compile_kernel("fp16", [3, 3], [2, 2], [1, 1], [1, 1], target=GPUTarget("cuda", 90, 32))
+params = [line.split()[1:3] for line in kernel.asm["ptx"].splitlines() if ".param" in line][:10]
+print(kernel.metadata.name, *[p[0] for p in params])
+"""
 
-    kernel = psc.compile_kernel("fp16", [3, 3], [2, 2], [1, 1], [1, 1], target=GPUTarget("cuda", 90, 32))
-    params = [line.split()[1:3] for line in kernel.asm["ptx"].splitlines() if ".param" in line][:10]
-    assert kernel.metadata.name == "per_sample_conv2d_kernel"
-    assert [p[0] for p in params] == [".u64"] * 2 + [".u32"] * 7 + [".u64"]
+
+@pytest.mark.skipif(not _HAS_TRITON, reason="triton is not installed")
+def test_kernel_compiles_ahead_of_time_to_ptx_with_the_aot_argument_order():
+    """What `@trtp.aot_impl` returns is built here; compiling for sm_90 needs no GPU.
+
+    In a fresh process without TRITON_INTERPRET: an AOT build targets a GPU, and this kernel does not
+    compile in a process where Triton's interpreter mode is on.
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    name, *params = result.stdout.split()
+    assert name == "per_sample_conv2d_kernel"
+    assert params == [".u64"] * 2 + [".u32"] * 7 + [".u64"]
 
 
 # ------------------------------------------------------------------------------------------------ TensorRT

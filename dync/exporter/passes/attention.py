@@ -31,6 +31,8 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 ATTENTION_OPSET = 23
+SOFTMAX_LAST_AXIS_OPSET = 13
+"""From opset 13 Softmax normalizes over one axis (-1 by default), not over all axes from `axis` on."""
 
 
 @dataclass
@@ -48,7 +50,7 @@ class _Match:
 
 def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """The model with every matching softmax attention fused, and how many were fused."""
-    if not _find_matches(_graph(model)):
+    if _opset(model) < SOFTMAX_LAST_AXIS_OPSET or not _find_matches(_graph(model)):
         return model, 0
     try:
         converted = version_converter.convert_version(model, ATTENTION_OPSET)
@@ -62,6 +64,10 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     fused = gs.export_onnx(graph)
     fused.ir_version = converted.ir_version
     return fused, len(matches)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _graph(model: onnx.ModelProto) -> gs.Graph:
@@ -107,14 +113,27 @@ def _match(softmax: gs.Node) -> _Match | None:
         scale *= _scalar(pre.inputs[1])
         q = pre.inputs[0]
         nodes.append(pre)
+    if not _same_batch_and_heads(q, qk.inputs[1], pv.inputs[1]):
+        return None
     return _Match(nodes=nodes, q=q, kt=qk.inputs[1], v=pv.inputs[1], bias=bias, scale=scale, output=pv.outputs[0])
 
 
+def _same_batch_and_heads(*tensors: gs.Tensor) -> bool:
+    """MatMul broadcasts a batch or head axis of 1, `Attention` does not: the first two axes must agree."""
+    shapes = [_shape(t) for t in tensors]
+    return None not in shapes and all(s[:2] == shapes[0][:2] and None not in s[:2] for s in shapes)
+
+
 def _split_bias(add: gs.Node) -> tuple[gs.Tensor | None, gs.Tensor | None]:
-    """(scores, bias) of the Add, scores being the MatMul/Mul side; None when the bias would widen the scores."""
+    """(scores, bias) of the Add, scores being the MatMul/Mul side; None unless the bias, once its batch Tiles
+    are bypassed, has a static shape that broadcasts to the scores' (1 on the batch axis)."""
     first, second = add.inputs
     scores, bias = (first, second) if _producer(first, "MatMul") or _producer(first, "Mul") else (second, first)
-    if _shape(add.outputs[0]) is None or _shape(add.outputs[0]) != _shape(scores):
+    shape, target = _shape_after_bypass(bias), _shape(scores)
+    if shape is None or target is None or len(shape) > len(target):
+        return None, None
+    aligned = target[len(target) - len(shape):]
+    if not all(d == 1 or d == t for d, t in zip(shape, aligned, strict=True)):
         return None, None
     return scores, bias
 
@@ -125,8 +144,7 @@ def _rewrite(graph: gs.Graph, match: _Match, name: str) -> None:
         node.outputs.clear()
     inputs = [match.q, _untransposed(graph, match.kt, name), match.v]
     if match.bias is not None:
-        _bypass_batch_tiles(match.bias)
-        inputs.append(match.bias)
+        inputs.append(_bypassed(match.bias))
     graph.nodes.append(gs.Node(op="Attention", name=name, attrs={"scale": float(match.scale)}, inputs=inputs,
                                outputs=[match.output]))
 
@@ -145,17 +163,36 @@ def _untransposed(graph: gs.Graph, kt: gs.Tensor, name: str) -> gs.Tensor:
     return k
 
 
-def _bypass_batch_tiles(bias: gs.Tensor) -> None:
-    """Inside the bias's tree of single-use Adds, read each batch-repeating Tile's input instead of its output."""
-    producer = _producer(bias)
-    if producer is None or producer.op != "Add":
-        return
-    for i, operand in enumerate(producer.inputs):
-        tile = _producer(operand, "Tile", single_use=True)
-        if tile is not None and _repeats_batch_only(tile):
-            producer.inputs[i] = tile.inputs[0]
-        elif len(operand.outputs) == 1:
-            _bypass_batch_tiles(operand)
+def _batch_tile(tensor: gs.Tensor) -> gs.Node | None:
+    """The Tile writing `tensor` if it only repeats a leading-1 tensor over the batch and nothing else reads it."""
+    tile = _producer(tensor, "Tile", single_use=True)
+    return tile if tile is not None and _repeats_batch_only(tile) else None
+
+
+def _bypassed(bias: gs.Tensor) -> gs.Tensor:
+    """`bias` with each batch Tile in its tree of single-use Adds replaced by the Tile's input (rewired in place)."""
+    tile = _batch_tile(bias)
+    if tile is not None:
+        return tile.inputs[0]
+    add = _producer(bias, "Add", single_use=True)
+    if add is not None:
+        for i, operand in enumerate(list(add.inputs)):
+            add.inputs[i] = _bypassed(operand)
+    return bias
+
+
+def _shape_after_bypass(bias: gs.Tensor) -> list[int] | None:
+    """The static shape `_bypassed(bias)` will have; None when a dim is symbolic or unknown."""
+    tile = _batch_tile(bias)
+    add = _producer(bias, "Add", single_use=True)
+    if tile is not None:
+        shape = _shape(tile.inputs[0])
+    elif add is not None:
+        shapes = [_shape_after_bypass(t) for t in add.inputs]
+        shape = None if None in shapes else list(np.broadcast_shapes(*map(tuple, shapes)))
+    else:
+        shape = _shape(bias)
+    return shape if shape is not None and all(isinstance(d, int) for d in shape) else None
 
 
 def _repeats_batch_only(tile: gs.Node) -> bool:
@@ -167,7 +204,7 @@ def _repeats_batch_only(tile: gs.Node) -> bool:
     if isinstance(repeats, gs.Constant):
         return bool(np.all(repeats.values[1:] == 1))
     concat = _producer(repeats, "Concat")
-    return concat is not None and all(_scalar(t) == 1 for t in concat.inputs[1:])
+    return concat is not None and all(_all_ones(t) for t in concat.inputs[1:])
 
 
 # --------------------------------------------------------------------------- #
@@ -189,13 +226,22 @@ def _only_consumer(node: gs.Node, op: str) -> gs.Node | None:
     return out.outputs[0] if len(out.outputs) == 1 and out.outputs[0].op == op else None
 
 
-def _scalar(tensor: gs.Tensor) -> float | None:
-    """The value of a one-element constant (an initializer or a Constant node's output)."""
-    values = tensor.values if isinstance(tensor, gs.Constant) else None
+def _constant(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
     producer = _producer(tensor, "Constant")
-    if producer is not None:
-        values = producer.attrs["value"].values
-    return float(np.asarray(values).reshape(-1)[0]) if values is not None and np.size(values) == 1 else None
+    return None if producer is None else np.asarray(producer.attrs["value"].values)
+
+
+def _scalar(tensor: gs.Tensor) -> float | None:
+    values = _constant(tensor)
+    return float(values.reshape(-1)[0]) if values is not None and values.size == 1 else None
+
+
+def _all_ones(tensor: gs.Tensor) -> bool:
+    values = _constant(tensor)
+    return values is not None and bool(np.all(values == 1))
 
 
 def _shape(tensor: gs.Tensor) -> list | None:

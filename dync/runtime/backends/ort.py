@@ -69,13 +69,38 @@ def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings
     return ort.InferenceSession(source, settings.session_options(), providers=["CPUExecutionProvider"])
 
 
-def _stage_model(path: Path, manifest: Manifest) -> onnx.ModelProto | Path:
-    """The stage file, with `dync::` plugin nodes decomposed to standard ops when the package has any."""
-    if not manifest.custom_ops:
-        return path
-    from dync.plugins import decompose_custom_nodes
+MAX_SPECIALIZED = 8  # batch sizes a stage keeps specialized sessions for; others share the portable one
 
-    return decompose_custom_nodes(onnx.load(path))
+
+class StageSession:
+    """What runs one stage: its session, or for `dync::` plugin nodes, sessions onnxruntime can run.
+
+    Plugin nodes with a fast CPU path (e.g. PerSampleConv2d) get a graph specialized per batch size, built on
+    the first call with that size (the first MAX_SPECIALIZED sizes); other sizes and other plugin nodes run
+    the portable decomposition.
+    """
+
+    def __init__(self, path: Path, settings: OrtSettings, custom_ops: bool) -> None:
+        from dync.plugins import decompose_custom_nodes, has_fast_cpu_path
+
+        self._settings = settings
+        self._model = onnx.load(path) if custom_ops else None
+        self._specialize = self._model is not None and has_fast_cpu_path(self._model)
+        portable = path if self._model is None else decompose_custom_nodes(self._model)
+        self._portable = session_from_onnx(portable, settings)
+        self._by_batch: dict[int, ort.InferenceSession] = {}
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._session(len(next(iter(feeds.values())))).run(names, feeds)
+
+    def _session(self, batch: int) -> ort.InferenceSession:
+        if not self._specialize or (batch not in self._by_batch and len(self._by_batch) >= MAX_SPECIALIZED):
+            return self._portable
+        if batch not in self._by_batch:
+            from dync.plugins import specialize_custom_nodes
+
+            self._by_batch[batch] = session_from_onnx(specialize_custom_nodes(self._model, batch), self._settings)
+        return self._by_batch[batch]
 
 
 class OrtBackend:
@@ -88,7 +113,7 @@ class OrtBackend:
                 f"onnxruntime backend options {unknown} are unknown; use {sorted(OrtSettings.__dataclass_fields__)}."
             )
         self.settings = OrtSettings(**settings)
-        self._sessions = {s.name: session_from_onnx(_stage_model(Path(package_dir) / s.onnx, manifest), self.settings)
+        self._sessions = {s.name: StageSession(Path(package_dir) / s.onnx, self.settings, bool(manifest.custom_ops))
                           for s in manifest.stages}
         self._outputs = {s.name: [s.exit.output, *[w for w in s.writes if w != s.exit.output]] for s in manifest.stages}
 

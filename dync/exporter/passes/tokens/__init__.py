@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import onnx
 import onnx_graphsurgeon as gs
 
-from dync.errors import SpatialLoweringWarning
+from dync.errors import TokenLoweringWarning
 from dync.exporter.passes.spatial.graph import restore_metadata
 from dync.exporter.passes.tokens.match import Ineligible, Order, candidates, match
 from dync.exporter.passes.tokens.rows import emit_packed
@@ -73,5 +73,5 @@ def report_dispatches(reports: list[DispatchReport], progress: Callable[[str], N
         if report.lowered:
             progress(f"token dispatch {report.node}: lowered, MLP of {report.mlp_nodes} nodes on kept tokens only")
         else:
-            warnings.warn(f"token dispatch {report.node} is left dense: {report.reason}.", SpatialLoweringWarning,
+            warnings.warn(f"token dispatch {report.node} is left dense: {report.reason}.", TokenLoweringWarning,
                           stacklevel=3)

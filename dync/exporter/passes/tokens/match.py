@@ -75,7 +75,11 @@ class Dispatch:
 
 
 def candidates(graph: gs.Graph) -> Iterator[gs.Node]:
-    """Add nodes with a Mul operand that scales each row of a tensor by one value: a gated residual."""
+    """Add nodes with a Mul operand that scales each row of a tensor by its own value: a gated residual.
+
+    Masks with fewer values (per channel map, per sample: squeeze-excitation, layer skipping) are not
+    candidates, so the models of other passes draw no reports from this one.
+    """
     for node in graph.nodes:
         if node.op == "Add" and any(_gates_rows(producer(t, "Mul")) for t in node.inputs):
             yield node
@@ -85,7 +89,7 @@ def _gates_rows(mul: gs.Node | None) -> bool:
     if mul is None or any(_is_constant(t) or t.shape is None for t in mul.inputs):
         return False
     shapes = [list(t.shape) for t in mul.inputs]
-    return any(len(s) >= 2 and s[-1] == 1 and len(o) == len(s) and o[-1] != 1 for s, o in (shapes, shapes[::-1]))
+    return any(len(s) >= 2 and s[-1] == 1 and o[-1] != 1 and s[:-1] == o[:-1] for s, o in (shapes, shapes[::-1]))
 
 
 def match(add: gs.Node, order: Order) -> Dispatch:
@@ -96,6 +100,8 @@ def match(add: gs.Node, order: Order) -> Dispatch:
         if mul is None:
             continue
         for main, mask in (mul.inputs, mul.inputs[::-1]):
+            if mask.shape is None or mask.shape[-1] != 1:
+                continue
             try:
                 return _match_operands(add, mul, main, mask, residual, order)
             except Ineligible as why:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,6 @@ import onnxruntime as ort
 import torch
 
 import dync
-from dync.errors import SpatialLoweringWarning
 from dync.exporter.capture import quiet_torch_onnx
 from dync.plugins import decompose_custom_nodes
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
@@ -45,9 +43,7 @@ def plain_session(model: torch.nn.Module, batch: int, path: Path) -> ort.Inferen
 def rows(batches: list[int], repeats: int, work: Path) -> list[str]:
     torch.manual_seed(0)
     model = _ready(ArcResNetLike(widths=(32, 64, 128)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SpatialLoweringWarning)
-        engine = dync.load(dync.export(model, work / "arc.dync", input_shape=(2, *SAMPLE)))
+    engine = dync.load(dync.export(model, work / "arc.dync", input_shape=(2, *SAMPLE)))
     stage = onnx.load(work / "arc.dync" / engine.manifest.stages[0].onnx)
     decomposed = session_from_onnx(decompose_custom_nodes(stage), OrtSettings())
     out = []

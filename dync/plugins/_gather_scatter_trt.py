@@ -7,23 +7,12 @@ ScatterAddPatches has no TensorRT plugin yet: one kernel can only add into an ou
 which is untested with AOT plugins here, so TensorRT runs its portable decomposition instead.
 """
 
-import tensorrt as trt
 import tensorrt.plugin as trtp
 
-from dync.errors import PluginError
+from dync.plugins._tensorrt import triton_dtype
 from dync.plugins.gather_scatter import BLOCK_C, compile_gather_kernel, gather_patches_shape
 
 _registered: set[str] = set()
-
-_TRITON_DTYPES = {trt.float32: "fp32", trt.float16: "fp16"}
-
-
-def _triton_dtype(dtype: trt.DataType) -> str:
-    """Triton's pointer type name for a TensorRT data type the kernel supports."""
-    if dtype not in _TRITON_DTYPES:
-        raise PluginError(f"GatherPatches' TensorRT plugin supports float32 and float16, not {dtype}.")
-    return _TRITON_DTYPES[dtype]
-
 
 def gather_patches_desc(x: trtp.TensorDesc, index: trtp.TensorDesc, patch: int, halo: int) -> trtp.TensorDesc:
     """Output [M, C, S+2h, S+2h] in x's dtype, as shape expressions (M and C may be dynamic)."""
@@ -34,7 +23,7 @@ def gather_patches_aot(
     x: trtp.TensorDesc, index: trtp.TensorDesc, patch: int, halo: int, outputs: tuple[trtp.TensorDesc], tactic: int
 ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
     """The Triton gather kernel compiled to PTX, launched on a (M, ceil(C / BLOCK_C)) grid."""
-    kernel = compile_gather_kernel(_triton_dtype(x.dtype), patch, halo)
+    kernel = compile_gather_kernel(triton_dtype(x.dtype, "GatherPatches"), patch, halo)
     dims = x.shape_expr
     params = trtp.KernelLaunchParams()
     params.grid_x = index.shape_expr[0]

@@ -8,23 +8,12 @@ the only list form `tensorrt.plugin` accepts.
 
 import numpy as np
 import numpy.typing as npt
-import tensorrt as trt
 import tensorrt.plugin as trtp
 
-from dync.errors import PluginError
+from dync.plugins._tensorrt import triton_dtype
 from dync.plugins.per_sample_conv import BLOCK_CO, BLOCK_P, compile_kernel, per_sample_conv2d_shape
 
 _registered: set[str] = set()
-
-_TRITON_DTYPES = {trt.float32: "fp32", trt.float16: "fp16"}
-
-
-def _triton_dtype(dtype: trt.DataType) -> str:
-    """Triton's pointer type name for a TensorRT data type the kernel supports."""
-    if dtype not in _TRITON_DTYPES:
-        raise PluginError(f"PerSampleConv2d's TensorRT plugin supports float32 and float16, not {dtype}.")
-    return _TRITON_DTYPES[dtype]
-
 
 def per_sample_conv2d_desc(
     x: trtp.TensorDesc, weight: trtp.TensorDesc, kernel_shape: npt.NDArray[np.int64], strides: npt.NDArray[np.int64],
@@ -42,8 +31,8 @@ def per_sample_conv2d_aot(
     tactic: int,
 ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
     """The Triton kernel compiled to PTX, on a (B*groups, Cout/groups blocks, pixel blocks) grid."""
-    kernel = compile_kernel(_triton_dtype(x.dtype), kernel_shape.tolist(), strides.tolist(), pads[:2].tolist(),
-                            dilations.tolist())
+    kernel = compile_kernel(triton_dtype(x.dtype, "PerSampleConv2d"), kernel_shape.tolist(), strides.tolist(),
+                            pads[:2].tolist(), dilations.tolist())
     dims, out = x.shape_expr, outputs[0].shape_expr
     cout_g = out[1] // group
     params = trtp.KernelLaunchParams()

@@ -32,7 +32,7 @@ def _export(name: str, tmp_path: Path) -> tuple[torch.nn.Module, dync.runtime.en
     torch.manual_seed(0)
     model = factory()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SpatialLoweringWarning)  # the token pass eyes the rotation's sign blend
+        warnings.simplefilter("error", SpatialLoweringWarning)  # no pass mistakes the rotation's blends for masks
         package = dync.export(model, tmp_path / f"{name}.dync", input_shape=shape)
     return model, dync.load(package)
 

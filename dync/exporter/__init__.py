@@ -62,10 +62,12 @@ def export(
 ) -> Path:
     """Export `model` (a module or a model file) to the package directory `output` and return its path.
 
-    `lower_spatial` turns LASNet-style masked bottlenecks into gather-scatter execution, exact against eager.
-    `ops` picks the form: "portable" (standard ONNX, for onnxruntime: each block runs dense when the batch's
-    mask density is above its crossover, measured here unless `spatial_crossover` fixes one for all blocks)
-    or "plugins" (`dync::` nodes for TensorRT's plugins; onnxruntime runs their decomposition).
+    `lower_spatial` turns LASNet-style masked bottlenecks into gather-scatter execution and DyT-style gated
+    MLPs into MLPs on the kept tokens, both exact against eager (per-sample convs are recognized during
+    capture regardless). `ops` picks the form: "portable" (standard ONNX, for onnxruntime: each masked
+    block runs dense when the batch's mask density is above its crossover, measured here unless
+    `spatial_crossover` fixes one for all blocks; softmax attention fused into ONNX Attention) or "plugins"
+    (`dync::` nodes for TensorRT's plugins; onnxruntime runs their decomposition).
     """
     report = progress or (lambda message: None)
     input_shape = _checked_shape(input_shape)
@@ -109,7 +111,6 @@ def _lower_dynamic_ops(
     crossovers are measured on the whole model unless `crossover` fixes one.
     """
     if ops == "portable" and crossover is None:
-        report("measuring each masked bottleneck's dense/sparse crossover with onnxruntime")
         crossover = measure_crossovers(model, progress=report)
     blocks, dispatches = [], []
     for stage in stages:

@@ -111,4 +111,5 @@ def test_measure_crossovers(captured: onnx.ModelProto, lowered: tuple[onnx.Model
     values = measure_crossovers(captured, repeats=1, progress=messages.append)
     assert list(values) == [r.node for r in reports]
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in values.values()), values
-    assert len(messages) == len(reports) and all(r.node in m for r, m in zip(reports, messages, strict=True))
+    assert f"crossover of {len(reports)} masked bottleneck(s)" in messages[0]
+    assert len(messages) == 1 + len(reports) and all(r.node in m for r, m in zip(reports, messages[1:], strict=True))

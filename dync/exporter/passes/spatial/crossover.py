@@ -36,8 +36,11 @@ def measure_crossovers(
     from dync.exporter.passes.spatial import lower_masked_bottlenecks
 
     lowered, reports = lower_masked_bottlenecks(model, "portable", MEASURING)
+    blocks = [r for r in reports if r.lowered]
+    if blocks:
+        progress(f"measuring the dense/sparse crossover of {len(blocks)} masked bottleneck(s) with onnxruntime")
     crossovers = {}
-    for report in (r for r in reports if r.lowered):
+    for report in blocks:
         session = session_from_onnx(block_model(lowered, report.node, report.inputs, report.output),
                                     settings or OrtSettings())
         times = _block_times(session, report.inputs[-1], repeats)

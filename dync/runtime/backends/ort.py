@@ -99,8 +99,18 @@ class StageSession:
         if batch not in self._by_batch:
             from dync.plugins import specialize_custom_nodes
 
-            self._by_batch[batch] = session_from_onnx(specialize_custom_nodes(self._model, batch), self._settings)
+            self._by_batch[batch] = session_from_onnx(_with_batch(specialize_custom_nodes(self._model, batch), batch),
+                                                      self._settings)
         return self._by_batch[batch]
+
+
+def _with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """`model` with its inputs' batch dim fixed, so onnxruntime folds the shape arithmetic that reads it."""
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch
+    return model
 
 
 class OrtBackend:

@@ -61,20 +61,30 @@ def candidates(graph: gs.Graph) -> Iterator[gs.Node]:
             yield node
 
 
+def masked_operands(add: gs.Node) -> Iterator[tuple[gs.Node, gs.Tensor, gs.Tensor, gs.Tensor]]:
+    """Every reading of `add` as `Add(Mul(main, mask), other)`: `(mul, main, mask, other)`, both operand orders."""
+    for mul_side, other in (add.inputs, add.inputs[::-1]):
+        mul = producer(mul_side, "Mul")
+        if mul is not None:
+            for main, mask in (mul.inputs, mul.inputs[::-1]):
+                yield mul, main, mask, other
+
+
+def no_reading_fits(reasons: list[str]) -> Ineligible:
+    """The error for a candidate none of whose readings matched: every distinct reason, in order."""
+    return Ineligible("; ".join(dict.fromkeys(reasons)))
+
+
 def match(relu: gs.Node) -> Block:
     """Match `Relu(Add(Mul(chain, mask), shortcut))` in any operand order; raise `Ineligible` otherwise."""
     add = relu.inputs[0].inputs[0]
     reasons = []
-    for mul_side, shortcut in (add.inputs, add.inputs[::-1]):
-        mul = producer(mul_side, "Mul")
-        if mul is None:
-            continue
-        for main, mask in (mul.inputs, mul.inputs[::-1]):
-            try:
-                return _match_operands(relu, add, mul, main, mask, shortcut)
-            except Ineligible as why:
-                reasons.append(str(why))
-    raise Ineligible(reasons[0] if len(reasons) == 1 else "; ".join(dict.fromkeys(reasons)))
+    for mul, main, mask, shortcut in masked_operands(add):
+        try:
+            return _match_operands(relu, add, mul, main, mask, shortcut)
+        except Ineligible as why:
+            reasons.append(str(why))
+    raise no_reading_fits(reasons)
 
 
 def _match_operands(relu: gs.Node, add: gs.Node, mul: gs.Node, main: gs.Tensor, mask: gs.Tensor,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from dync.exporter.passes.spatial.graph import producer
-from dync.exporter.passes.spatial.match import Ineligible, binary_decision
+from dync.exporter.passes.spatial.match import Ineligible, binary_decision, masked_operands, no_reading_fits
 
 __all__ = ["Dispatch", "Ineligible", "Order", "candidates", "match"]
 
@@ -95,18 +95,14 @@ def _gates_rows(mul: gs.Node | None) -> bool:
 def match(add: gs.Node, order: Order) -> Dispatch:
     """Match `Add(Mul(mlp(x), mask), residual)` in any operand order; raise `Ineligible` otherwise."""
     reasons = []
-    for mul_side, residual in (add.inputs, add.inputs[::-1]):
-        mul = producer(mul_side, "Mul")
-        if mul is None:
+    for mul, main, mask, residual in masked_operands(add):
+        if mask.shape is None or mask.shape[-1] != 1:
             continue
-        for main, mask in (mul.inputs, mul.inputs[::-1]):
-            if mask.shape is None or mask.shape[-1] != 1:
-                continue
-            try:
-                return _match_operands(add, mul, main, mask, residual, order)
-            except Ineligible as why:
-                reasons.append(str(why))
-    raise Ineligible("; ".join(dict.fromkeys(reasons)))
+        try:
+            return _match_operands(add, mul, main, mask, residual, order)
+        except Ineligible as why:
+            reasons.append(str(why))
+    raise no_reading_fits(reasons)
 
 
 def _match_operands(add: gs.Node, mul: gs.Node, main: gs.Tensor, mask: gs.Tensor, residual: gs.Tensor,

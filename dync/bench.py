@@ -16,7 +16,7 @@ import numpy as np
 
 from dync.calib.thresholds import even_split_thresholds
 from dync.errors import PackageError
-from dync.runtime.backends.ort import OrtSettings, session_from_onnx
+from dync.runtime.backends.ort import OrtSettings, StageSession
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds, resolve_thresholds
 from dync.runtime.static import merged_static_model
@@ -47,9 +47,11 @@ StaticRun = Callable[[np.ndarray], list[np.ndarray]]
 
 
 def static_baseline(engine: Engine) -> StaticRun:
-    """A callable running the merged full graph under the engine's own session settings."""
+    """A callable running the merged full graph as the engine runs its first stage: same session settings,
+    fixed-shape sessions per batch size, plugin nodes on their onnxruntime paths."""
     settings = getattr(engine.backend, "settings", OrtSettings())
-    session = session_from_onnx(merged_static_model(engine.package_dir, engine.manifest), settings)
+    session = StageSession(merged_static_model(engine.package_dir, engine.manifest), settings,
+                           sees_request_batch=True)
     input_name = engine.manifest.inputs[0].name
     return lambda x: session.run(None, {input_name: x})
 

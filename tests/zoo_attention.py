@@ -40,12 +40,19 @@ __all__ = [
     "AgentAttention",
     "FocusedLinearAttention",
     "SoftmaxAttention",
+    "WindowAttention",
+    "agent_attention",
     "agent_pvt_10",
     "agent_pvt_14",
     "agent_swin",
+    "classifier",
+    "flatten_attention",
     "flatten_pvt",
     "flatten_swin",
     "init_like_trained",
+    "softmax_attention",
+    "stage",
+    "window_stage",
 ]
 
 BIAS_TABLE = 7
@@ -287,8 +294,8 @@ class Classifier(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        for stage in self.stages:
-            x = stage(x)
+        for layer in self.stages:
+            x = layer(x)
         return self.head(self.norm(x.flatten(2).mean(dim=2)))
 
 
@@ -306,50 +313,49 @@ def init_like_trained(model: nn.Module) -> None:
             p.normal_(0.0, 0.5 if leaf.endswith(("_bias", "table", "scale")) else 0.1)
 
 
-def _classifier(stages: Sequence[Stage], dim: int) -> Classifier:
+def classifier(stages: Sequence[Stage], dim: int) -> Classifier:
     model = Classifier(stages, dim)
     init_like_trained(model)
     return model.eval()
 
 
-def _stage(cin: int, dim: int, patch: int, grid: tuple[int, int], depth: int, heads: int,
+def stage(cin: int, dim: int, patch: int, grid: tuple[int, int], depth: int, heads: int,
            attention: AttentionFactory) -> Stage:
     return Stage(cin, dim, patch, grid, [Block(dim, grid, heads, attention) for _ in range(depth)])
 
 
-def _softmax(sr_ratio: int = 1) -> AttentionFactory:
+def softmax_attention(sr_ratio: int = 1) -> AttentionFactory:
     return lambda dim, grid, heads: SoftmaxAttention(dim, heads, sr_ratio)
 
 
-def _flatten(sr_ratio: int = 1) -> AttentionFactory:
+def flatten_attention(sr_ratio: int = 1) -> AttentionFactory:
     return lambda dim, grid, heads: FocusedLinearAttention(dim, grid, heads, sr_ratio)
 
 
-def _agent(agents: int) -> AttentionFactory:
+def agent_attention(agents: int) -> AttentionFactory:
     return lambda dim, grid, heads: AgentAttention(dim, grid, heads, agents)
 
 
 def flatten_pvt() -> Classifier:
     """FLatten-PVT-like: 56x56 image, 14x14 tokens with FLatten attention over sr 2 keys, then 7x7 plain."""
-    return _classifier([_stage(3, 32, 4, (14, 14), 2, 2, _flatten(sr_ratio=2)),
-                        _stage(32, 64, 2, (7, 7), 1, 4, _softmax())], 64)
+    return classifier([stage(3, 32, 4, (14, 14), 2, 2, flatten_attention(sr_ratio=2)),
+                       stage(32, 64, 2, (7, 7), 1, 4, softmax_attention())], 64)
 
 
 def agent_pvt_14() -> Classifier:
     """Agent-PVT-like: 14x14 tokens pooled to 7x7 agents (dividing), then 7x7 tokens with 2x2 agents, then
     a plain softmax block (the mix Agent-PVT configs use)."""
-    return _classifier([_stage(3, 32, 4, (14, 14), 2, 2, _agent(49)),
-                        Stage(32, 64, 2, (7, 7), [Block(64, (7, 7), 4, _agent(4)), Block(64, (7, 7), 4, _softmax())])],
-                       64)
+    last = [Block(64, (7, 7), 4, agent_attention(4)), Block(64, (7, 7), 4, softmax_attention())]
+    return classifier([stage(3, 32, 4, (14, 14), 2, 2, agent_attention(49)), Stage(32, 64, 2, (7, 7), last)], 64)
 
 
 def agent_pvt_10() -> Classifier:
     """Agent-PVT-like on a 40x40 image: 10x10 tokens pooled to 7x7 agents, which 7 does not divide."""
-    return _classifier([_stage(3, 32, 4, (10, 10), 2, 2, _agent(49)),
-                        _stage(32, 64, 2, (5, 5), 1, 4, _softmax())], 64)
+    return classifier([stage(3, 32, 4, (10, 10), 2, 2, agent_attention(49)),
+                       stage(32, 64, 2, (5, 5), 1, 4, softmax_attention())], 64)
 
 
-def _window_stage(cin: int, dim: int, patch: int, grid: int, window: int, heads: int,
+def window_stage(cin: int, dim: int, patch: int, grid: int, window: int, heads: int,
                   attentions: Sequence[AttentionFactory]) -> Stage:
     return Stage(cin, dim, patch, (grid, grid), [WindowBlock(dim, window, heads, a) for a in attentions])
 
@@ -359,7 +365,7 @@ def flatten_swin() -> Classifier:
     def window(dim: int, grid: tuple[int, int], heads: int) -> nn.Module:
         return WindowAttention(dim, grid[0], heads)
 
-    return _classifier([_window_stage(3, 32, 4, 14, 7, 2, [_flatten(), window])], 32)
+    return classifier([window_stage(3, 32, 4, 14, 7, 2, [flatten_attention(), window])], 32)
 
 
 def agent_swin() -> Classifier:
@@ -368,7 +374,7 @@ def agent_swin() -> Classifier:
     def window(dim: int, grid: tuple[int, int], heads: int) -> nn.Module:
         return WindowAttention(dim, grid[0], heads)
 
-    return _classifier([_window_stage(3, 32, 4, 14, 7, 2, [_agent(9), window])], 32)
+    return classifier([window_stage(3, 32, 4, 14, 7, 2, [agent_attention(9), window])], 32)
 
 
 ATTENTION_ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {

@@ -136,8 +136,8 @@ def custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def has_fast_cpu_path(model: onnx.ModelProto) -> bool:
-    """Whether every `dync::` node of `model` has a fast CPU path (so a batch-specialized graph can replace all)."""
-    return bool(custom_nodes(model)) and all(get(node.op_type).cpu_fast is not None for node in custom_nodes(model))
+    """Whether some `dync::` node of `model` has a fast CPU path, which only a batch-specialized graph can use."""
+    return any(get(node.op_type).cpu_fast is not None for node in custom_nodes(model))
 
 
 def decompose_custom_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -145,15 +145,18 @@ def decompose_custom_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     This is how a runtime without the op's plugin (onnxruntime) runs a package exported for TensorRT.
     """
-    return _replace_custom_nodes(model, "decompose_onnx")
+    return _replace_custom_nodes(model)
 
 
 def specialize_custom_nodes(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """A copy of `model` for one batch size, every `dync::` node replaced by its fast CPU path."""
-    return _replace_custom_nodes(model, "cpu_fast", batch=batch)
+    """A copy of `model` for one batch size: `dync::` nodes replaced by their fast CPU path where they have
+    one, by their portable decomposition otherwise."""
+    return _replace_custom_nodes(model, batch)
 
 
-def _replace_custom_nodes(model: onnx.ModelProto, face: str, **options: Any) -> onnx.ModelProto:
+def _replace_custom_nodes(model: onnx.ModelProto, batch: int | None = None) -> onnx.ModelProto:
+    """`model` with each `dync::` node replaced by its fast CPU path for `batch` when a batch is given and the
+    op has one, by its portable decomposition otherwise."""
     import onnx.helper
 
     nodes = []
@@ -163,8 +166,13 @@ def _replace_custom_nodes(model: onnx.ModelProto, face: str, **options: Any) -> 
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
                  if a.name not in PLUGIN_ATTRIBUTES}
-        build = get(node.op_type).face(face)
-        nodes.extend(build(list(node.input), list(node.output), prefix=f"{node.name}/", **attrs, **options))
+        op = get(node.op_type)
+        if batch is not None and op.cpu_fast is not None:
+            attrs["batch"] = batch
+            build = op.cpu_fast
+        else:
+            build = op.face("decompose_onnx")
+        nodes.extend(build(list(node.input), list(node.output), prefix=f"{node.name}/", **attrs))
     replaced = onnx.ModelProto()
     replaced.CopyFrom(model)
     del replaced.graph.node[:]

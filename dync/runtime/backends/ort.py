@@ -1,7 +1,8 @@
-"""onnxruntime CPU backend: one InferenceSession per stage, built once at load, with explicit options.
+"""onnxruntime CPU backend: per stage, a dynamic-batch InferenceSession built at load, plus fixed-shape sessions
+built on first use for the batch sizes that repeat (`StageSession`), all with explicit options.
 
-Session options are explicit (threads, graph optimization level, spinning) so that `bench` compares dync
-and the static baseline under identical settings and can print them.
+Session options are explicit (threads, graph optimization level, spinning, fixed-batch sessions) so that
+`bench` compares dync and the static baseline under identical settings and can print them.
 
 Spinning is off by default: each stage session owns an intra-op thread pool, and pools that spin-wait after
 their stage finishes steal the cores the next stage's pool needs (on 2 cores this dominated batch-1
@@ -37,6 +38,7 @@ class OrtSettings:
     threads: int = 0
     optimization: str = "all"
     spinning: bool = False
+    fixed_batches: int = 8
 
     def __post_init__(self) -> None:
         if self.optimization not in OPTIMIZATION_LEVELS:
@@ -44,6 +46,9 @@ class OrtSettings:
                 f"onnxruntime optimization level '{self.optimization}' is unknown; "
                 f"choose one of {sorted(OPTIMIZATION_LEVELS)}."
             )
+        if self.fixed_batches < 0:
+            raise InputError(f"fixed_batches {self.fixed_batches} must be >= 0 (0 keeps every stage on one "
+                             f"dynamic-batch session).")
         if self.threads < 0:
             raise InputError(f"thread count {self.threads} must be >= 0 (0 means one per CPU core).")
 
@@ -69,38 +74,45 @@ def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings
     return ort.InferenceSession(source, settings.session_options(), providers=["CPUExecutionProvider"])
 
 
-MAX_SPECIALIZED = 8  # batch sizes a stage keeps specialized sessions for; others share the portable one
-
-
 class StageSession:
-    """What runs one stage: its session, or for `dync::` plugin nodes, sessions onnxruntime can run.
+    """What runs one stage graph: a session with a dynamic batch, and sessions with the batch fixed where it pays.
 
-    Plugin nodes with a fast CPU path (e.g. PerSampleConv2d) get a graph specialized per batch size, built on
-    the first call with that size (the first MAX_SPECIALIZED sizes); other sizes and other plugin nodes run
-    the portable decomposition.
+    onnxruntime plans memory and folds shape arithmetic only for static shapes, and `dync::` plugin nodes take
+    their fast CPU path (PerSampleConv2d as one grouped Conv) only for a known batch. So a stage that sees the
+    request's batch (which repeats across calls, unlike the survivors an early exit leaves to later stages)
+    or that has a fast CPU path gets a fixed-shape session per batch size, built on the first call with that
+    size, for the first `settings.fixed_batches` sizes. Other sizes and stages share the dynamic session,
+    where plugin nodes run their portable decomposition.
     """
 
-    def __init__(self, path: Path, settings: OrtSettings, custom_ops: bool) -> None:
-        from dync.plugins import decompose_custom_nodes, has_fast_cpu_path
+    def __init__(self, model: onnx.ModelProto | Path, settings: OrtSettings, *, sees_request_batch: bool) -> None:
+        from dync.plugins import custom_nodes, decompose_custom_nodes, has_fast_cpu_path
 
         self._settings = settings
-        self._model = onnx.load(path) if custom_ops else None
-        self._specialize = self._model is not None and has_fast_cpu_path(self._model)
-        portable = path if self._model is None else decompose_custom_nodes(self._model)
-        self._portable = session_from_onnx(portable, settings)
+        self._model = model
+        graph = onnx.load(model) if isinstance(model, Path) else model
+        self._fixed_batch = settings.fixed_batches > 0 and (sees_request_batch or has_fast_cpu_path(graph))
+        self._dynamic = session_from_onnx(decompose_custom_nodes(graph) if custom_nodes(graph) else model, settings)
         self._by_batch: dict[int, ort.InferenceSession] = {}
 
-    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    @property
+    def fixed_batch_sizes(self) -> list[int]:
+        """The batch sizes this stage has a fixed-shape session for so far."""
+        return sorted(self._by_batch)
+
+    def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._session(len(next(iter(feeds.values())))).run(names, feeds)
 
     def _session(self, batch: int) -> ort.InferenceSession:
-        if not self._specialize or (batch not in self._by_batch and len(self._by_batch) >= MAX_SPECIALIZED):
-            return self._portable
-        if batch not in self._by_batch:
-            from dync.plugins import specialize_custom_nodes
+        if batch in self._by_batch:
+            return self._by_batch[batch]
+        if not self._fixed_batch or len(self._by_batch) >= self._settings.fixed_batches:
+            return self._dynamic
+        from dync.plugins import specialize_custom_nodes
 
-            self._by_batch[batch] = session_from_onnx(_with_batch(specialize_custom_nodes(self._model, batch), batch),
-                                                      self._settings)
+        graph = onnx.load(self._model) if isinstance(self._model, Path) else self._model
+        self._by_batch[batch] = session_from_onnx(_with_batch(specialize_custom_nodes(graph, batch), batch),
+                                                  self._settings)
         return self._by_batch[batch]
 
 
@@ -123,13 +135,18 @@ class OrtBackend:
                 f"onnxruntime backend options {unknown} are unknown; use {sorted(OrtSettings.__dataclass_fields__)}."
             )
         self.settings = OrtSettings(**settings)
-        self._sessions = {s.name: StageSession(Path(package_dir) / s.onnx, self.settings, bool(manifest.custom_ops))
-                          for s in manifest.stages}
+        self._sessions = {stage.name: StageSession(Path(package_dir) / stage.onnx, self.settings,
+                                                   sees_request_batch=k == 0)
+                          for k, stage in enumerate(manifest.stages)}
         self._outputs = {s.name: [s.exit.output, *[w for w in s.writes if w != s.exit.output]] for s in manifest.stages}
 
     def run(self, stage: StageSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self._outputs[stage.name]
         return dict(zip(names, self._sessions[stage.name].run(names, feeds), strict=True))
+
+    def fixed_batch_sizes(self) -> dict[str, list[int]]:
+        """Per stage, the batch sizes it has a fixed-shape session for (built on first use)."""
+        return {name: session.fixed_batch_sizes for name, session in self._sessions.items()}
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "onnxruntime": ort.__version__, **self.settings.describe()}

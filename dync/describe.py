@@ -45,6 +45,7 @@ def describe(package: str | Path) -> dict[str, Any]:
         "custom_ops": manifest.custom_ops,
         "spatial": manifest.spatial,
         "tokens": manifest.tokens,
+        "attention": manifest.attention,
         "verification": manifest.verification,
         "provenance": manifest.provenance,
     }
@@ -67,6 +68,7 @@ def format_description(description: dict[str, Any]) -> str:
     lines += ["", f"thresholds: {stored}"]
     lines += _spatial_lines(description["spatial"])
     lines += _token_lines(description["tokens"])
+    lines += _attention_lines(description["attention"])
     if description["custom_ops"]:
         ops = ", ".join(f"{o['op']} (without its plugin: {o['fallback']})" for o in description["custom_ops"])
         lines.append(f"custom ops: {ops}")
@@ -101,4 +103,17 @@ def _token_lines(dispatches: list[dict[str, Any]]) -> list[str]:
     lowered = sum(d["lowered"] for d in dispatches)
     lines = [f"token dispatches: {lowered} of {len(dispatches)} run their MLP on the kept tokens only"]
     lines += [f"  {d['node']}: dense, {d['reason']}" for d in dispatches if not d["lowered"]]
+    return lines
+
+
+def _attention_lines(attentions: list[dict[str, Any]]) -> list[str]:
+    """One line for the softmax attentions the fusion pass matched, and the measurement behind each choice."""
+    if not attentions:
+        return []
+    fused = sum(a["fused"] for a in attentions)
+    lines = [f"softmax attentions: {fused} of {len(attentions)} fused into ONNX Attention (where measured faster)"]
+    for a in attentions:
+        ratio = a["fused_over_unfused"]
+        timing = "shape not static, fused untimed" if ratio is None else f"fused form {ratio:.2f}x the unfused time"
+        lines.append(f"  {a['node']}: {'fused' if a['fused'] else 'unfused'}, {timing}")
     return lines

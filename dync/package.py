@@ -61,7 +61,10 @@ class Manifest:
     `exit_selection` is the `--exits` choice (indices into the forward's outputs), None for all of them.
     `spatial` has one record per masked bottleneck the spatial pass looked at: node, lowered, reason, and the
     crossover density above which the block runs dense. `tokens` likewise for gated token MLPs (DyT-style
-    dispatch): node, lowered, reason, and the number of MLP nodes run on kept tokens only. `custom_ops` lists
+    dispatch): node, lowered, reason, and the number of MLP nodes run on kept tokens only. `attention` has one
+    record per softmax attention the fusion pass matched: its Softmax node, whether it runs as one ONNX
+    `Attention` node, its per-sample shape, and the measured time of the fused form over the unfused one.
+    `custom_ops` lists
     the `dync::` ops the stages use and the fallback a backend without their plugin takes.
     """
 
@@ -74,6 +77,7 @@ class Manifest:
     custom_ops: list[dict[str, Any]] = field(default_factory=list)
     spatial: list[dict[str, Any]] = field(default_factory=list)
     tokens: list[dict[str, Any]] = field(default_factory=list)
+    attention: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     format: str = FORMAT_NAME
@@ -142,6 +146,7 @@ def _manifest_from_json(raw: Any, path: Path) -> Manifest:
             custom_ops=raw.get("custom_ops", []),
             spatial=raw.get("spatial", []),
             tokens=raw.get("tokens", []),
+            attention=raw.get("attention", []),
             verification=raw.get("verification"),
             calibration=raw.get("calibration"),
         )

@@ -26,7 +26,7 @@ from dync.exporter.passes import (
     lower_token_dispatch,
     report_dispatches,
 )
-from dync.exporter.passes.attention import fuse_attention
+from dync.exporter.passes.attention import FasterForm, FusionReport, fuse_attention
 from dync.exporter.passes.spatial import ALWAYS_SPARSE, check_crossover
 from dync.exporter.passes.spatial import OPS as SPATIAL_OPS
 from dync.exporter.passes.spatial.crossover import measure_crossovers
@@ -66,8 +66,9 @@ def export(
     MLPs into MLPs on the kept tokens, both exact against eager (per-sample convs are recognized during
     capture regardless). `ops` picks the form: "portable" (standard ONNX, for onnxruntime: each masked
     block runs dense when the batch's mask density is above its crossover, measured here unless
-    `spatial_crossover` fixes one for all blocks; softmax attention fused into ONNX Attention) or "plugins"
-    (`dync::` nodes for TensorRT's plugins; onnxruntime runs their decomposition).
+    `spatial_crossover` fixes one for all blocks; softmax attention fused into ONNX Attention where that
+    measures faster here) or "plugins" (`dync::` nodes for TensorRT's plugins; onnxruntime runs their
+    decomposition).
     """
     report = progress or (lambda message: None)
     input_shape = _checked_shape(input_shape)
@@ -87,13 +88,14 @@ def export(
     probe = probe_graph(decompose_custom_nodes(captured.model), captured.input_name, tuple(input_shape[1:]))
     report(f"partitioning into {len(captured.exit_names)} stage(s)")
     stages = partition(captured.model, captured.exit_names, probe, labels=exits)
-    spatial, tokens = _lower_dynamic_ops(captured.model, stages, ops, spatial_crossover, report) if lower_spatial \
-        else ([], [])
+    spatial, tokens, attention = _lower_dynamic_ops(captured.model, stages, ops, spatial_crossover, report) \
+        if lower_spatial else ([], [], [])
     output = Path(output)
     package_name = name or output.name.removesuffix(".dync")
     manifest = _manifest(package_name, captured.input_name, input_shape, stages, probe, source, exits)
     manifest.spatial = [_spatial_record(r) for r in spatial]
     manifest.tokens = [dataclasses.asdict(r) for r in tokens]
+    manifest.attention = attention
     manifest.custom_ops = custom_ops_used([s.model for s in stages])
     _write_package(output, manifest, stages)
     report(f"wrote {output}")
@@ -102,9 +104,10 @@ def export(
 
 def _lower_dynamic_ops(
     model: onnx.ModelProto, stages: list[Stage], ops: str, crossover: float | None, report: Progress
-) -> tuple[list[LoweringReport], list[DispatchReport]]:
+) -> tuple[list[LoweringReport], list[DispatchReport], list[dict]]:
     """Lower the masked bottlenecks and the token dispatches of each stage in place, and (portable form) fuse
-    softmax attention into ONNX Attention nodes; returns one report per masked block and per token dispatch.
+    softmax attention into ONNX Attention nodes where that measures faster; returns one report per masked
+    block and per token dispatch, and the manifest's record per softmax attention.
 
     Lowering comes after probing and partitioning, so that both see only static shapes and each stage's
     MACs are those of the dense model (what a mask saves depends on the input). The portable form's
@@ -112,20 +115,26 @@ def _lower_dynamic_ops(
     """
     if ops == "portable" and crossover is None:
         crossover = measure_crossovers(model, progress=report)
-    blocks, dispatches = [], []
+    faster = FasterForm(progress=report)
+    blocks, dispatches, attention = [], [], []
     for stage in stages:
         stage.model, stage_blocks = lower_masked_bottlenecks(stage.model, ops, ALWAYS_SPARSE if crossover is None
                                                              else crossover)
         stage.model, stage_dispatches = lower_token_dispatch(stage.model)
         if ops == "portable":  # TensorRT's parser has no ONNX Attention: the plugin form keeps the unfused ops
-            stage.model, fused = fuse_attention(stage.model)
-            if fused:
-                report(f"stage {stage.name}: {fused} softmax attention(s) fused into one ONNX Attention node each")
+            stage.model, fusions = fuse_attention(stage.model, faster)
+            attention += [_attention_record(f, faster.ratios.get(f.shape)) for f in fusions]
         blocks += stage_blocks
         dispatches += stage_dispatches
     _report_blocks(blocks, report)
     report_dispatches(dispatches, report)
-    return blocks, dispatches
+    return blocks, dispatches, attention
+
+
+def _attention_record(fusion: FusionReport, fused_over_unfused: float | None) -> dict:
+    """A softmax attention in the manifest: its Softmax node, whether it was fused, its shape, and the measured
+    time of the fused form over the unfused one (None where the shape was not static, so nothing was timed)."""
+    return {**dataclasses.asdict(fusion), "fused_over_unfused": fused_over_unfused}
 
 
 def _report_blocks(blocks: list[LoweringReport], report: Progress) -> None:

@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from torch import Tensor, nn
 
 import dync
+from dync.describe import describe, format_description
 from dync.exporter.passes.attention import fuse_attention
 from dync.runtime.engine import Engine
 from dync.verify import verify
@@ -105,11 +106,24 @@ def test_adaptive_pooling_to_non_dividing_grids_is_exact(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("name", ["agent_pvt_10", "flatten_pvt"])
-def test_export_fuses_attention_once(name: str, packages: dict) -> None:
-    """The export runs the attention-fusion pass: the stage holds ONNX Attention nodes and nothing is left to fuse."""
+def test_export_fuses_attention_where_measured_faster(name: str, packages: dict) -> None:
+    """The export runs the attention-fusion pass: one manifest record per softmax attention, as many Attention
+    nodes as records say fused, and only the unfused ones left for another pass to find."""
     model, engine = packages[name]
-    assert engine.manifest.stages[0].ops.get("Attention", 0) >= 1
-    assert fuse_attention(_stage_model(engine))[1] == 0
+    records = engine.manifest.attention
+    assert records and all(r["fused_over_unfused"] > 0 and r["fused"] == (r["fused_over_unfused"] < 1.0)
+                           for r in records)
+    assert engine.manifest.stages[0].ops.get("Attention", 0) == sum(r["fused"] for r in records)
+    assert len(fuse_attention(_stage_model(engine))[1]) == sum(not r["fused"] for r in records)
     for batch in (1, 3):
         x = random_input(ATTENTION_ZOO[name][1][1:], batch, seed=batch)
         assert_close(engine.run(x).logits, eager_outputs(model, x)[-1], what=f"{name} fused, batch {batch}")
+
+
+def test_inspect_lists_each_softmax_attention_and_its_measurement(packages: dict) -> None:
+    engine = packages["agent_swin"][1]
+    text = format_description(describe(engine.package_dir))
+    records = engine.manifest.attention
+    assert f"softmax attentions: {sum(r['fused'] for r in records)} of {len(records)} fused" in text
+    for record in records:
+        assert f"{record['node']}: {'fused' if record['fused'] else 'unfused'}, fused form " in text

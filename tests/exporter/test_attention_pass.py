@@ -11,7 +11,8 @@ import onnx.helper as oh
 import pytest
 from onnx import TensorProto
 
-from dync.exporter.passes.attention import ATTENTION_OPSET, fuse_attention
+from dync.exporter.passes.attention import ATTENTION_OPSET, AttentionShape, FasterForm, fuse_attention
+from dync.exporter.passes.attention.measure import attention_model
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 from tests.helpers import assert_close
 
@@ -92,10 +93,10 @@ def _run(model: onnx.ModelProto, batch: int) -> list[np.ndarray]:
 @pytest.mark.parametrize("name", list(FUSED))
 def test_chain_fuses_to_one_attention_with_equal_outputs(name: str) -> None:
     model = _graph(FUSED[name])
-    fused, count = fuse_attention(model)
+    fused, reports = fuse_attention(model)
     onnx.checker.check_model(fused, full_check=True)
     ops = Counter(n.op_type for n in fused.graph.node)
-    assert count == 1 and ops["Attention"] == 1, ops
+    assert [r.fused for r in reports] == [True] and ops["Attention"] == 1, ops
     assert not ops.keys() & {"Softmax", "MatMul", "Tile"}, ops
     assert ops["Transpose"] <= 1, ops
     assert next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")) == ATTENTION_OPSET
@@ -107,5 +108,40 @@ def test_chain_fuses_to_one_attention_with_equal_outputs(name: str) -> None:
 def test_chain_left_alone(name: str) -> None:
     nodes, outputs = NOT_FUSED[name]
     model = _graph(nodes, outputs)
-    fused, count = fuse_attention(model)
-    assert count == 0 and fused is model
+    fused, reports = fuse_attention(model)
+    assert reports == [] and fused is model
+
+
+def test_choice_sees_the_static_shape_and_an_unfused_chain_drops_its_batch_tiles() -> None:
+    model = _graph(FUSED["agent: scaled q, transposed keys, batch-tiled bias"])
+    seen: list[AttentionShape] = []
+    kept, reports = fuse_attention(model, lambda shape: seen.append(shape) is not None)
+    assert seen == [AttentionShape(heads=HEADS, queries=QUERIES, keys=KEYS, head_dim=HEAD_DIM, value_dim=HEAD_DIM,
+                                   bias=(1, HEADS, QUERIES, KEYS))]
+    assert [(r.fused, r.shape) for r in reports] == [(False, seen[0])]
+    ops = Counter(n.op_type for n in kept.graph.node)
+    assert ops["Attention"] == 0 and ops["Softmax"] == 1 and ops["Tile"] == 0, ops
+    for batch in (1, 3):
+        assert_close(_run(kept, batch)[0], _run(model, batch)[0], what=f"unfused, batch {batch}")
+
+
+@pytest.mark.parametrize("bias", [None, (1, HEADS, QUERIES, KEYS), (QUERIES, KEYS)])
+def test_timed_forms_compute_the_same_attention(bias: tuple[int, ...] | None) -> None:
+    shape = AttentionShape(HEADS, QUERIES, KEYS, HEAD_DIM, HEAD_DIM, bias)
+    rng = np.random.default_rng(0)
+    feeds = {"q": rng.standard_normal((2, HEADS, QUERIES, HEAD_DIM), dtype=np.float32),
+             "k": rng.standard_normal((2, HEADS, KEYS, HEAD_DIM), dtype=np.float32),
+             "v": rng.standard_normal((2, HEADS, KEYS, HEAD_DIM), dtype=np.float32)}
+    fused, unfused = (session_from_onnx(attention_model(shape, 2, f), OrtSettings()).run(None, feeds)[0]
+                      for f in (True, False))
+    assert_close(fused, unfused, what=f"bias {bias}")
+
+
+def test_faster_form_times_each_shape_once() -> None:
+    messages: list[str] = []
+    choose = FasterForm(repeats=2, progress=messages.append)
+    shape = AttentionShape(HEADS, QUERIES, KEYS, HEAD_DIM, HEAD_DIM, None)
+    first = choose(shape)
+    assert choose(shape) == first and len(messages) == 1 and set(choose.ratios) == {shape}
+    assert choose.ratios[shape] > 0 and (choose.ratios[shape] < 1.0) == first
+    assert "2 heads x 5 queries x 7 keys, head dim 4" in messages[0]

@@ -1,5 +1,5 @@
-"""Fuse softmax attention into the standard ONNX `Attention` op (opset 23), which onnxruntime's CPU kernel runs
-faster than the unfused ops (see docs/attention.md for the measurements):
+"""Fuse softmax attention into the standard ONNX `Attention` op (opset 23): one kernel where the export has
+four to six nodes (see docs/attention.md for the measurements):
 
     MatMul(Softmax(Add(Mul(MatMul(Mul(Q, a), KT), b), bias), axis=-1), V)  ->  Attention(Q, K, V, bias, scale=a*b)
 
@@ -15,14 +15,19 @@ taken before the repeat: inside the bias's tree of Adds, a `Tile` of a tensor wh
 repeats `[n, 1, ..., 1]` is bypassed, since the mask broadcasts over the batch anyway. The tree then depends
 on constants only and onnxruntime folds it to one table at session creation.
 
+Which matches are fused is the caller's `choose(AttentionShape)`: the exporter fuses where onnxruntime runs
+the fused form faster on this machine (`measure.py`). A match left unfused still loses its bias's batch
+Tiles (the Add broadcasts the table as the mask would).
+
 Guarantees: graph inputs and outputs are unchanged, the batch axis stays dynamic, and outputs equal the
 unfused graph's to float rounding (onnxruntime's kernel computes the same products, scale and softmax).
-The model is converted to opset 23 with `onnx.version_converter` when something is fused; when nothing
+The model is converted to opset 23 with `onnx.version_converter` when something matches; when nothing
 matches, or the converter cannot convert the model, the model is returned unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +38,35 @@ from onnx import version_converter
 ATTENTION_OPSET = 23
 SOFTMAX_LAST_AXIS_OPSET = 13
 """From opset 13 Softmax normalizes over one axis (-1 by default), not over all axes from `axis` on."""
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What an attention's speed depends on, per sample: Q [heads, queries, head_dim], K [heads, keys, head_dim],
+    V [heads, keys, value_dim] and the bias's shape (None without one)."""
+
+    heads: int
+    queries: int
+    keys: int
+    head_dim: int
+    value_dim: int
+    bias: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class FusionReport:
+    """What the pass did with one softmax attention, named by its Softmax node."""
+
+    node: str
+    fused: bool
+    shape: AttentionShape | None
+
+
+Choice = Callable[[AttentionShape], bool]
+
+
+def fuse_all(shape: AttentionShape) -> bool:
+    return True
 
 
 @dataclass
@@ -48,22 +82,32 @@ class _Match:
     output: gs.Tensor
 
 
-def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """The model with every matching softmax attention fused, and how many were fused."""
+def fuse_attention(model: onnx.ModelProto, choose: Choice = fuse_all) -> tuple[onnx.ModelProto, list[FusionReport]]:
+    """The model with the matching softmax attentions that `choose` picks fused, and a report per match.
+
+    `choose` sees each match's static shape; a match whose shape is not static is fused without asking.
+    """
     if _opset(model) < SOFTMAX_LAST_AXIS_OPSET or not _find_matches(_graph(model)):
-        return model, 0
+        return model, []
     try:
         converted = version_converter.convert_version(model, ATTENTION_OPSET)
     except Exception:  # the converter lacks an adapter for some op: leave the model unfused
-        return model, 0
+        return model, []
     graph = _graph(converted)
-    matches = _find_matches(graph)
-    for index, match in enumerate(matches):
-        _rewrite(graph, match, f"fused_attention_{index}")
+    reports = []
+    for index, match in enumerate(_find_matches(graph)):
+        softmax = match.nodes[0]
+        name, shape = softmax.name or softmax.outputs[0].name, _attention_shape(match)
+        fused = shape is None or choose(shape)
+        if fused:
+            _rewrite(graph, match, f"fused_attention_{index}")
+        elif match.bias is not None:
+            _drop_batch_tiles(match)
+        reports.append(FusionReport(node=name, fused=fused, shape=shape))
     graph.cleanup().toposort()
-    fused = gs.export_onnx(graph)
-    fused.ir_version = converted.ir_version
-    return fused, len(matches)
+    rewritten = gs.export_onnx(graph)
+    rewritten.ir_version = converted.ir_version
+    return rewritten, reports
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -136,6 +180,22 @@ def _split_bias(add: gs.Node) -> tuple[gs.Tensor | None, gs.Tensor | None]:
     if not all(d == 1 or d == t for d, t in zip(shape, aligned, strict=True)):
         return None, None
     return scores, bias
+
+
+def _attention_shape(match: _Match) -> AttentionShape | None:
+    """The match's per-sample shape, when every dim but the batch is static."""
+    q, kt, v = (_shape(t) for t in (match.q, match.kt, match.v))
+    dims = [*q[1:], kt[3], v[3]]
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    bias = None if match.bias is None else tuple(_shape_after_bypass(match.bias))
+    return AttentionShape(heads=q[1], queries=q[2], keys=kt[3], head_dim=q[3], value_dim=v[3], bias=bias)
+
+
+def _drop_batch_tiles(match: _Match) -> None:
+    """Feed the unfused chain's Add the bias without its batch Tiles, which the Add's broadcasting makes moot."""
+    add = next(node for node in match.nodes if node.op == "Add")
+    add.inputs[add.inputs.index(match.bias)] = _bypassed(match.bias)
 
 
 def _rewrite(graph: gs.Graph, match: _Match, name: str) -> None:

@@ -85,14 +85,19 @@ class StageSession:
     where plugin nodes run their portable decomposition.
     """
 
-    def __init__(self, model: onnx.ModelProto | Path, settings: OrtSettings, *, sees_request_batch: bool) -> None:
+    def __init__(self, model: onnx.ModelProto | Path, settings: OrtSettings, *, sees_request_batch: bool,
+                 plugins: bool = True) -> None:
+        """`plugins=False` promises a stage file without `dync::` nodes (as its manifest says), which spares
+        parsing it here."""
         from dync.plugins import custom_nodes, decompose_custom_nodes, has_fast_cpu_path
 
         self._settings = settings
         self._model = model
-        graph = onnx.load(model) if isinstance(model, Path) else model
-        self._fixed_batch = settings.fixed_batches > 0 and (sees_request_batch or has_fast_cpu_path(graph))
-        self._dynamic = session_from_onnx(decompose_custom_nodes(graph) if custom_nodes(graph) else model, settings)
+        graph = onnx.load(model) if isinstance(model, Path) and plugins else model
+        has_plugins = isinstance(graph, onnx.ModelProto) and bool(custom_nodes(graph))
+        self._dynamic = session_from_onnx(decompose_custom_nodes(graph) if has_plugins else model, settings)
+        fast_path = has_plugins and has_fast_cpu_path(graph)
+        self._fixed_batch = settings.fixed_batches > 0 and (sees_request_batch or fast_path)
         self._by_batch: dict[int, ort.InferenceSession] = {}
 
     @property
@@ -136,7 +141,7 @@ class OrtBackend:
             )
         self.settings = OrtSettings(**settings)
         self._sessions = {stage.name: StageSession(Path(package_dir) / stage.onnx, self.settings,
-                                                   sees_request_batch=k == 0)
+                                                   sees_request_batch=k == 0, plugins=bool(manifest.custom_ops))
                           for k, stage in enumerate(manifest.stages)}
         self._outputs = {s.name: [s.exit.output, *[w for w in s.writes if w != s.exit.output]] for s in manifest.stages}
 

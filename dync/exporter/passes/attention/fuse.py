@@ -66,6 +66,7 @@ Choice = Callable[[AttentionShape], bool]
 
 
 def fuse_all(shape: AttentionShape) -> bool:
+    """The choice that fuses every match: the pass's default, independent of the machine."""
     return True
 
 

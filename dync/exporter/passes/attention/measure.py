@@ -3,7 +3,8 @@
 Each distinct `AttentionShape` becomes a model of its own in both forms: Q, K and V inputs, the bias a
 constant as it is after onnxruntime's folding, and the unfused chain written as torch.onnx exports it
 (MatMul by K transposed, Mul by the scale, Add of the bias, Softmax, MatMul by V). Both are timed in
-onnxruntime under the package's session options, at batch 1 and at batch 8, in interleaved rounds. The
+onnxruntime under the default session options (those `dync.load` uses unless told otherwise), at batch 1
+and at batch 8, in interleaved rounds. The
 fused form is kept where the geometric mean of its two time ratios is below 1. Like the spatial crossovers,
 this is measured on the exporting machine: another CPU or thread count can choose differently.
 """

@@ -35,6 +35,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
+from dync.exporter.passes.attention.graph import all_ones, only_consumer, producer, rank, scalar, shape_of
+from dync.exporter.passes.attention.heads import HeadView, head_view, keys_head_view, merged_input, merged_output
+
 ATTENTION_OPSET = 23
 SOFTMAX_LAST_AXIS_OPSET = 13
 """From opset 13 Softmax normalizes over one axis (-1 by default), not over all axes from `axis` on."""
@@ -43,7 +46,8 @@ SOFTMAX_LAST_AXIS_OPSET = 13
 @dataclass(frozen=True)
 class AttentionShape:
     """What an attention's speed depends on, per sample: Q [heads, queries, head_dim], K [heads, keys, head_dim],
-    V [heads, keys, value_dim] and the bias's shape (None without one)."""
+    V [heads, keys, value_dim], the bias's shape (None without one), and whether Q, K and V are head views
+    of [tokens, heads * dim] tensors, so that the fused node takes them in its 3-D form (`heads.py`)."""
 
     heads: int
     queries: int
@@ -51,6 +55,7 @@ class AttentionShape:
     head_dim: int
     value_dim: int
     bias: tuple[int, ...] | None
+    merged_heads: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,12 +101,13 @@ def fuse_attention(model: onnx.ModelProto, choose: Choice = fuse_all) -> tuple[o
         return model, []
     graph = _graph(converted)
     reports = []
-    for index, match in enumerate(_find_matches(graph)):
+    for index, match in enumerate(_find_matches(graph)):  # in graph order: an earlier 3-D output is a head view
         softmax = match.nodes[0]
-        name, shape = softmax.name or softmax.outputs[0].name, _attention_shape(match)
+        views = _head_views(match)
+        name, shape = softmax.name or softmax.outputs[0].name, _attention_shape(match, views is not None)
         fused = shape is None or choose(shape)
         if fused:
-            _rewrite(graph, match, f"fused_attention_{index}")
+            _rewrite(graph, match, f"fused_attention_{index}", views)
         elif match.bias is not None:
             _drop_batch_tiles(match)
         reports.append(FusionReport(node=name, fused=fused, shape=shape))
@@ -130,32 +136,32 @@ def _find_matches(graph: gs.Graph) -> list[_Match]:
 
 def _match(softmax: gs.Node) -> _Match | None:
     """The chain around `softmax`, or None when any part of the pattern is missing."""
-    if softmax.attrs.get("axis", -1) not in (-1, 3) or _rank(softmax.outputs[0]) != 4:
+    if softmax.attrs.get("axis", -1) not in (-1, 3) or rank(softmax.outputs[0]) != 4:
         return None
-    pv = _only_consumer(softmax, "MatMul")
-    if pv is None or pv.inputs[0] is not softmax.outputs[0] or _rank(pv.inputs[1]) != 4:
+    pv = only_consumer(softmax, "MatMul")
+    if pv is None or pv.inputs[0] is not softmax.outputs[0] or rank(pv.inputs[1]) != 4:
         return None
     nodes, scale = [softmax, pv], 1.0
     scores, bias = softmax.inputs[0], None
-    add = _producer(scores, "Add", single_use=True)
+    add = producer(scores, "Add", single_use=True)
     if add is not None:
         scores, bias = _split_bias(add)
         if scores is None:
             return None
         nodes.append(add)
-    post = _producer(scores, "Mul", single_use=True)
-    if post is not None and _scalar(post.inputs[1]) is not None:
-        scale *= _scalar(post.inputs[1])
+    post = producer(scores, "Mul", single_use=True)
+    if post is not None and scalar(post.inputs[1]) is not None:
+        scale *= scalar(post.inputs[1])
         scores = post.inputs[0]
         nodes.append(post)
-    qk = _producer(scores, "MatMul", single_use=True)
-    if qk is None or _rank(qk.inputs[0]) != 4 or _rank(qk.inputs[1]) != 4:
+    qk = producer(scores, "MatMul", single_use=True)
+    if qk is None or rank(qk.inputs[0]) != 4 or rank(qk.inputs[1]) != 4:
         return None
     nodes.append(qk)
     q = qk.inputs[0]
-    pre = _producer(q, "Mul", single_use=True)
-    if pre is not None and _scalar(pre.inputs[1]) is not None and _rank(pre.inputs[0]) == 4:
-        scale *= _scalar(pre.inputs[1])
+    pre = producer(q, "Mul", single_use=True)
+    if pre is not None and scalar(pre.inputs[1]) is not None and rank(pre.inputs[0]) == 4:
+        scale *= scalar(pre.inputs[1])
         q = pre.inputs[0]
         nodes.append(pre)
     if not _same_batch_and_heads(q, qk.inputs[1], pv.inputs[1]):
@@ -165,7 +171,7 @@ def _match(softmax: gs.Node) -> _Match | None:
 
 def _same_batch_and_heads(*tensors: gs.Tensor) -> bool:
     """MatMul broadcasts a batch or head axis of 1, `Attention` does not: the first two axes must agree."""
-    shapes = [_shape(t) for t in tensors]
+    shapes = [shape_of(t) for t in tensors]
     return None not in shapes and all(s[:2] == shapes[0][:2] and None not in s[:2] for s in shapes)
 
 
@@ -173,8 +179,8 @@ def _split_bias(add: gs.Node) -> tuple[gs.Tensor | None, gs.Tensor | None]:
     """(scores, bias) of the Add, scores being the MatMul/Mul side; None unless the bias, once its batch Tiles
     are bypassed, has a static shape that broadcasts to the scores' (1 on the batch axis)."""
     first, second = add.inputs
-    scores, bias = (first, second) if _producer(first, "MatMul") or _producer(first, "Mul") else (second, first)
-    shape, target = _shape_after_bypass(bias), _shape(scores)
+    scores, bias = (first, second) if producer(first, "MatMul") or producer(first, "Mul") else (second, first)
+    shape, target = _shape_after_bypass(bias), shape_of(scores)
     if shape is None or target is None or len(shape) > len(target):
         return None, None
     aligned = target[len(target) - len(shape):]
@@ -183,14 +189,21 @@ def _split_bias(add: gs.Node) -> tuple[gs.Tensor | None, gs.Tensor | None]:
     return scores, bias
 
 
-def _attention_shape(match: _Match) -> AttentionShape | None:
+def _head_views(match: _Match) -> tuple[HeadView, HeadView, HeadView] | None:
+    """Q, K and V as head views of 3-D tensors, when all three are."""
+    views = (head_view(match.q), keys_head_view(match.kt), head_view(match.v))
+    return None if None in views else views
+
+
+def _attention_shape(match: _Match, merged_heads: bool) -> AttentionShape | None:
     """The match's per-sample shape, when every dim but the batch is static."""
-    q, kt, v = (_shape(t) for t in (match.q, match.kt, match.v))
+    q, kt, v = (shape_of(t) for t in (match.q, match.kt, match.v))
     dims = [*q[1:], kt[3], v[3]]
     if not all(isinstance(d, int) for d in dims):
         return None
     bias = None if match.bias is None else tuple(_shape_after_bypass(match.bias))
-    return AttentionShape(heads=q[1], queries=q[2], keys=kt[3], head_dim=q[3], value_dim=v[3], bias=bias)
+    return AttentionShape(heads=q[1], queries=q[2], keys=kt[3], head_dim=q[3], value_dim=v[3], bias=bias,
+                          merged_heads=merged_heads)
 
 
 def _drop_batch_tiles(match: _Match) -> None:
@@ -199,23 +212,30 @@ def _drop_batch_tiles(match: _Match) -> None:
     add.inputs[add.inputs.index(match.bias)] = _bypassed(match.bias)
 
 
-def _rewrite(graph: gs.Graph, match: _Match, name: str) -> None:
-    """Replace the chain by one Attention node writing the chain's output tensor."""
+def _rewrite(graph: gs.Graph, match: _Match, name: str, views: tuple[HeadView, ...] | None) -> None:
+    """Replace the chain by one Attention node writing the chain's output tensor: in the 3-D form when Q, K
+    and V are head `views` (the output then replaces the head merge that follows, if one does)."""
     for node in match.nodes:
         node.outputs.clear()
-    inputs = [match.q, _untransposed(graph, match.kt, name), match.v]
+    attrs: dict = {"scale": float(match.scale)}
+    if views is None:
+        inputs, output = [match.q, _untransposed(graph, match.kt, name), match.v], match.output
+    else:
+        heads = shape_of(match.q)[1]
+        attrs.update(q_num_heads=heads, kv_num_heads=heads)
+        inputs = [merged_input(graph, view, f"{name}_{role}") for role, view in zip("qkv", views, strict=True)]
+        output = merged_output(graph, match.output, heads, name)
     if match.bias is not None:
         inputs.append(_bypassed(match.bias))
-    graph.nodes.append(gs.Node(op="Attention", name=name, attrs={"scale": float(match.scale)}, inputs=inputs,
-                               outputs=[match.output]))
+    graph.nodes.append(gs.Node(op="Attention", name=name, attrs=attrs, inputs=inputs, outputs=[output]))
 
 
 def _untransposed(graph: gs.Graph, kt: gs.Tensor, name: str) -> gs.Tensor:
     """K = KT with the last two axes swapped, composing with the Transpose that made KT if there is one."""
     source, perm = kt, [0, 1, 3, 2]
-    producer = _producer(kt, "Transpose")
-    if producer is not None:
-        source, perm = producer.inputs[0], [producer.attrs["perm"][i] for i in perm]
+    transpose = producer(kt, "Transpose")
+    if transpose is not None:
+        source, perm = transpose.inputs[0], [transpose.attrs["perm"][i] for i in perm]
     if perm == [0, 1, 2, 3]:
         return source
     k = gs.Variable(f"{name}_k", dtype=kt.dtype)
@@ -226,7 +246,7 @@ def _untransposed(graph: gs.Graph, kt: gs.Tensor, name: str) -> gs.Tensor:
 
 def _batch_tile(tensor: gs.Tensor) -> gs.Node | None:
     """The Tile writing `tensor` if it only repeats a leading-1 tensor over the batch and nothing else reads it."""
-    tile = _producer(tensor, "Tile", single_use=True)
+    tile = producer(tensor, "Tile", single_use=True)
     return tile if tile is not None and _repeats_batch_only(tile) else None
 
 
@@ -235,7 +255,7 @@ def _bypassed(bias: gs.Tensor) -> gs.Tensor:
     tile = _batch_tile(bias)
     if tile is not None:
         return tile.inputs[0]
-    add = _producer(bias, "Add", single_use=True)
+    add = producer(bias, "Add", single_use=True)
     if add is not None:
         for i, operand in enumerate(list(add.inputs)):
             add.inputs[i] = _bypassed(operand)
@@ -245,71 +265,24 @@ def _bypassed(bias: gs.Tensor) -> gs.Tensor:
 def _shape_after_bypass(bias: gs.Tensor) -> list[int] | None:
     """The static shape `_bypassed(bias)` will have; None when a dim is symbolic or unknown."""
     tile = _batch_tile(bias)
-    add = _producer(bias, "Add", single_use=True)
+    add = producer(bias, "Add", single_use=True)
     if tile is not None:
-        shape = _shape(tile.inputs[0])
+        shape = shape_of(tile.inputs[0])
     elif add is not None:
         shapes = [_shape_after_bypass(t) for t in add.inputs]
         shape = None if None in shapes else list(np.broadcast_shapes(*map(tuple, shapes)))
     else:
-        shape = _shape(bias)
+        shape = shape_of(bias)
     return shape if shape is not None and all(isinstance(d, int) for d in shape) else None
 
 
 def _repeats_batch_only(tile: gs.Node) -> bool:
     """Tile(x, [n, 1, ..., 1]) with x's first axis 1: every batch entry is x, which broadcasting gives too."""
-    shape = _shape(tile.inputs[0])
+    shape = shape_of(tile.inputs[0])
     if shape is None or shape[0] != 1:
         return False
     repeats = tile.inputs[1]
     if isinstance(repeats, gs.Constant):
         return bool(np.all(repeats.values[1:] == 1))
-    concat = _producer(repeats, "Concat")
-    return concat is not None and all(_all_ones(t) for t in concat.inputs[1:])
-
-
-# --------------------------------------------------------------------------- #
-# Small queries on graphsurgeon tensors
-# --------------------------------------------------------------------------- #
-
-
-def _producer(tensor: gs.Tensor, op: str | None = None, single_use: bool = False) -> gs.Node | None:
-    """The node writing `tensor` if it is an `op` (and, with `single_use`, nothing else reads the tensor)."""
-    if not tensor.inputs or (op is not None and tensor.inputs[0].op != op):
-        return None
-    if single_use and len(tensor.outputs) != 1:
-        return None
-    return tensor.inputs[0]
-
-
-def _only_consumer(node: gs.Node, op: str) -> gs.Node | None:
-    out = node.outputs[0]
-    return out.outputs[0] if len(out.outputs) == 1 and out.outputs[0].op == op else None
-
-
-def _constant(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of an initializer or of a Constant node's output."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    producer = _producer(tensor, "Constant")
-    return None if producer is None else np.asarray(producer.attrs["value"].values)
-
-
-def _scalar(tensor: gs.Tensor) -> float | None:
-    values = _constant(tensor)
-    return float(values.reshape(-1)[0]) if values is not None and values.size == 1 else None
-
-
-def _all_ones(tensor: gs.Tensor) -> bool:
-    values = _constant(tensor)
-    return values is not None and bool(np.all(values == 1))
-
-
-def _shape(tensor: gs.Tensor) -> list | None:
-    shape = tensor.values.shape if isinstance(tensor, gs.Constant) else tensor.shape
-    return None if shape is None else list(shape)
-
-
-def _rank(tensor: gs.Tensor) -> int | None:
-    shape = _shape(tensor)
-    return None if shape is None else len(shape)
+    concat = producer(repeats, "Concat")
+    return concat is not None and all(all_ones(t) for t in concat.inputs[1:])

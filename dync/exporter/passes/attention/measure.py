@@ -2,7 +2,8 @@
 
 Each distinct `AttentionShape` becomes a model of its own in both forms: Q, K and V inputs, the bias a
 constant as it is after onnxruntime's folding, and the unfused chain written as torch.onnx exports it
-(MatMul by K transposed, Mul by the scale, Add of the bias, Softmax, MatMul by V). Both are timed in
+(MatMul by K transposed, Mul by the scale, Add of the bias, Softmax, MatMul by V; with merged heads, the
+head split and merge around it, which the 3-D fused form does without). Both are timed in
 onnxruntime under the default session options (those `dync.load` uses unless told otherwise), at batch 1
 and at batch 8, in interleaved rounds. The
 fused form is kept where the geometric mean of its two time ratios is below 1. Like the spatial crossovers,
@@ -68,25 +69,51 @@ def fused_over_unfused(shape: AttentionShape, settings: OrtSettings, repeats: in
 
 
 def attention_model(shape: AttentionShape, batch: int, fused: bool) -> onnx.ModelProto:
-    """One attention of `shape` at `batch`, as an `Attention` node or as the unfused chain."""
+    """One attention of `shape` at `batch`, as an `Attention` node or as the unfused chain; with merged heads,
+    inputs and output are [batch, tokens, heads * dim] and the chain splits and merges the heads itself."""
     h, n, m, d, dv = shape.heads, shape.queries, shape.keys, shape.head_dim, shape.value_dim
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
-              for name, dims in (("q", [batch, h, n, d]), ("k", [batch, h, m, d]), ("v", [batch, h, m, dv]))]
+    dims = {"q": [h, n, d], "k": [h, m, d], "v": [h, m, dv]}
+    if shape.merged_heads:
+        dims = {name: [tokens, heads * width] for name, (heads, tokens, width) in dims.items()}
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, *each]) for name, each in dims.items()]
     scale = float(d) ** -0.5
-    constants = [] if fused else [numpy_helper.from_array(np.array(scale, np.float32), "scale")]
     biased = shape.bias is not None
-    if biased:
-        bias = np.random.default_rng(1).standard_normal(shape.bias).astype(np.float32)
-        constants.append(numpy_helper.from_array(bias, "bias"))
+    constants = [numpy_helper.from_array(np.random.default_rng(1).standard_normal(shape.bias).astype(np.float32),
+                                         "bias")] if biased else []
     if fused:
-        nodes = [helper.make_node("Attention", ["q", "k", "v", *(["bias"] if biased else [])], ["y"], scale=scale)]
+        heads = {"q_num_heads": h, "kv_num_heads": h} if shape.merged_heads else {}
+        nodes = [helper.make_node("Attention", ["q", "k", "v", *(["bias"] if biased else [])], ["y"], scale=scale,
+                                  **heads)]
     else:
-        nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
-                 helper.make_node("MatMul", ["q", "kt"], ["scores"]),
-                 helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
-                 *([helper.make_node("Add", ["scaled", "bias"], ["biased"])] if biased else []),
-                 helper.make_node("Softmax", ["biased" if biased else "scaled"], ["weights"], axis=-1),
-                 helper.make_node("MatMul", ["weights", "v"], ["y"])]
+        constants.append(numpy_helper.from_array(np.array(scale, np.float32), "scale"))
+        nodes = [
+            *_split_heads(shape, constants),
+            helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", ["q4", "kt"], ["scores"]),
+            helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+            *([helper.make_node("Add", ["scaled", "bias"], ["biased"])] if biased else []),
+            helper.make_node("Softmax", ["biased" if biased else "scaled"], ["weights"], axis=-1),
+            helper.make_node("MatMul", ["weights", "v4"], ["y4" if shape.merged_heads else "y"]),
+            *_merge_heads(shape, constants)]
     graph = helper.make_graph(nodes, "attention", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               constants)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ATTENTION_OPSET)])
+
+
+def _split_heads(shape: AttentionShape, constants: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """q4, k4, v4 [batch, heads, tokens, dim]: the inputs themselves, or split as exports split them."""
+    if not shape.merged_heads:
+        return [helper.make_node("Identity", [name], [f"{name}4"]) for name in "qkv"]
+    constants.append(numpy_helper.from_array(np.array([0, 0, shape.heads, -1], np.int64), "heads_shape"))
+    return [node for name in "qkv" for node in (
+        helper.make_node("Reshape", [name, "heads_shape"], [f"{name}_split"]),
+        helper.make_node("Transpose", [f"{name}_split"], [f"{name}4"], perm=[0, 2, 1, 3]))]
+
+
+def _merge_heads(shape: AttentionShape, constants: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """y [batch, tokens, heads * dim] from y4, as exports merge the heads; nothing without merged heads."""
+    if not shape.merged_heads:
+        return []
+    constants.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), "merged_shape"))
+    return [helper.make_node("Transpose", ["y4"], ["y_split"], perm=[0, 2, 1, 3]),
+            helper.make_node("Reshape", ["y_split", "merged_shape"], ["y"])]

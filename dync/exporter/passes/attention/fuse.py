@@ -6,6 +6,8 @@ four to six nodes (see docs/attention.md for the measurements):
 * Q, KT and V are rank 4 (`[batch, heads, tokens, head_dim]`; KT is `[batch, heads, head_dim, keys]`), so the
   op's 4-D form applies and no head count is needed; K is KT with its last two axes swapped (a Transpose that
   produced KT is composed with the swap, so onnxruntime sees at most one Transpose where there was one);
+  where Q, K and V are all head views of `[batch, tokens, heads * dim]` tensors, the op's 3-D form reads
+  those instead and the head splits and merge go (`heads.py`);
 * both Muls (by a scalar constant) and the Add are optional; the Add's output must have the scores' shape (the
   bias broadcasts up to the scores, as `Attention`'s mask does, never the other way);
 * every intermediate feeds only the next node of the chain (a tensor read elsewhere is not fused away).

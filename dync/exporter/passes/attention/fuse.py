@@ -223,10 +223,10 @@ def _rewrite(graph: gs.Graph, match: _Match, name: str, views: tuple[HeadView, .
     if views is None:
         inputs, output = [match.q, _untransposed(graph, match.kt, name), match.v], match.output
     else:
-        heads = shape_of(match.q)[1]
+        batch, heads, tokens, _ = shape_of(match.q)
         attrs.update(q_num_heads=heads, kv_num_heads=heads)
         inputs = [merged_input(graph, view, f"{name}_{role}") for role, view in zip("qkv", views, strict=True)]
-        output = merged_output(graph, match.output, heads, name)
+        output = merged_output(graph, match.output, [batch, heads, tokens, shape_of(match.v)[3]], name)
     if match.bias is not None:
         inputs.append(_bypassed(match.bias))
     graph.nodes.append(gs.Node(op="Attention", name=name, attrs=attrs, inputs=inputs, outputs=[output]))

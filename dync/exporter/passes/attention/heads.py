@@ -68,8 +68,8 @@ def merged_input(graph: gs.Graph, view: HeadView, name: str) -> gs.Tensor:
     return out
 
 
-def merged_output(graph: gs.Graph, output: gs.Tensor, heads: int, name: str) -> gs.Tensor:
-    """Where the 3-D Attention writes, given the chain's 4-D `output` [B, H, N, dv].
+def merged_output(graph: gs.Graph, output: gs.Tensor, shape: list, name: str) -> gs.Tensor:
+    """Where the 3-D Attention writes, given the chain's 4-D `output` of `shape` [B, H, N, dv].
 
     When the only reader of `output` is the head merge (Transpose[0,2,1,3], then a Reshape to
     [B, N, H*dv]), that Reshape's tensor, the merge bypassed. Otherwise a new tensor, split back into heads
@@ -82,7 +82,7 @@ def merged_output(graph: gs.Graph, output: gs.Tensor, heads: int, name: str) -> 
         transpose.outputs.clear()
         reshape.outputs.clear()
         return written
-    batch, _, tokens, width = shape_of(output)  # shapes kept, so a later attention sees a head view here
+    batch, heads, tokens, width = shape  # shapes kept, so a later attention sees a head view here
     written = gs.Variable(f"{name}_merged_out", dtype=output.dtype, shape=[batch, tokens, heads * width])
     split = gs.Variable(f"{name}_split_out", dtype=output.dtype, shape=[batch, tokens, heads, width])
     dims = gs.Constant(f"{name}_heads_shape", np.array([0, 0, heads, -1], dtype=np.int64))

@@ -53,6 +53,14 @@ _parse_exits = _separated(int, ",", "a comma-separated list of exit indices like
 _parse_sizes = _separated(int, ",", "a comma-separated list of batch sizes like 1,8,64")
 
 
+def _session_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The onnxruntime session options `run`, `bench` and `profile` share, passed on to `dync.load`."""
+    command = click.option("--fixed-batches", default=8, show_default=True,
+                           help="Batch sizes per stage that get a fixed-shape onnxruntime session (0: none).")(command)
+    return click.option("--threads", default=0, show_default=True,
+                        help="onnxruntime intra-op threads (0: one per core).")(command)
+
+
 def _load_array(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
@@ -152,12 +160,13 @@ def inspect(package: Path, as_json: bool, target: str | None) -> None:
               help="A .npy batch, shaped like the package input.")
 @click.option("--thresholds", callback=_parse_floats, help="Exit thresholds t0,t1,... (default: the package's).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help=".npz file for logits and exit.")
-@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0: one per core).")
-def run(package: Path, input_path: Path, thresholds: list[float] | None, output: Path, threads: int) -> None:
+@_session_options
+def run(package: Path, input_path: Path, thresholds: list[float] | None, output: Path, threads: int,
+        fixed_batches: int) -> None:
     """Run PACKAGE on a batch with per-sample early exit; write `logits` and `exit` to OUTPUT."""
     import dync
 
-    engine = dync.load(package, threads=threads)
+    engine = dync.load(package, threads=threads, fixed_batches=fixed_batches)
     result = engine.run(_load_array(input_path), thresholds=thresholds)
     np.savez(output, logits=result.logits, exit=result.exit)
     counts = np.bincount(result.exit, minlength=engine.num_exits).tolist()
@@ -191,16 +200,16 @@ def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol
 @click.option("--thresholds", callback=_parse_floats,
               help="Exit thresholds (default: the package's, else an even split of the data over the exits).")
 @click.option("--repeats", default=15, show_default=True, help="Timed rounds; medians are reported.")
-@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0: one per core).")
+@_session_options
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[float] | None, repeats: int,
-          threads: int, as_json: bool) -> None:
+          threads: int, fixed_batches: int, as_json: bool) -> None:
     """Measure PACKAGE against its static full model, side by side under the same session options."""
     import dync
     from dync.bench import bench as run_bench
     from dync.bench import format_report
 
-    engine = dync.load(package, threads=threads)
+    engine = dync.load(package, threads=threads, fixed_batches=fixed_batches)
     x = _load_array(input_path) if input_path else engine.example_input(batch)
     _progress(f"timing {repeats} interleaved rounds at batch {len(x)}")
     report = run_bench(engine, x, thresholds=thresholds, repeats=repeats)
@@ -246,13 +255,14 @@ def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: 
 @click.option("--batch-sizes", callback=_parse_sizes, default="1,2,4,8,16,32,64,128,256", show_default=True,
               help="Batch sizes to measure each stage at.")
 @click.option("--repeats", default=10, show_default=True, help="Timed rounds per batch size; medians are kept.")
-@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0: one per core).")
-def profile(package: Path, backend: str, batch_sizes: list[int], repeats: int, threads: int) -> None:
+@_session_options
+def profile(package: Path, backend: str, batch_sizes: list[int], repeats: int, threads: int,
+            fixed_batches: int) -> None:
     """Measure every stage's latency across batch sizes on this machine and store it in PACKAGE."""
     import dync
     from dync.calib.profile import profile_stages, save_profile
 
-    engine = dync.load(package, backend=backend, threads=threads)
+    engine = dync.load(package, backend=backend, threads=threads, fixed_batches=fixed_batches)
     path = save_profile(package, profile_stages(engine, batch_sizes, repeats=repeats, progress=_progress))
     click.echo(f"wrote {path}")
 

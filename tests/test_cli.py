@@ -162,7 +162,8 @@ def test_verify_fails_against_a_different_model(cli_export: CliExport, tmp_path:
 
 
 def test_bench_json(cli_export: CliExport) -> None:
-    result = invoke(["bench", cli_export.package, "--repeats", "2", "--batch", "12", "--json", "--threads", "1"])
+    result = invoke(["bench", cli_export.package, "--repeats", "2", "--batch", "12", "--json", "--threads", "1",
+                     "--fixed-batches", "0"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert set(report) >= {
@@ -175,6 +176,7 @@ def test_bench_json(cli_export: CliExport) -> None:
     assert sum(report["exit_counts"]) == 12 and len(report["exit_counts"]) == 3
     assert len(report["forced_exit_speedup"]) == 3
     assert report["settings"]["backend"] == "ort" and report["settings"]["intra_op_threads"] == 1
+    assert report["settings"]["fixed_batches"] == 0
     cumulative = np.array([e.cumulative_macs for e in dync.load(cli_export.package).manifest.exits], dtype=float)
     shares = np.array(report["exit_counts"]) / 12
     assert report["theoretical_speedup"] == pytest.approx(cumulative[-1] / (shares @ cumulative), rel=1e-12)

@@ -131,6 +131,7 @@ def test_cli_run_errors(cli_export: CliExport, tmp_path: Path) -> None:
     _assert_cli_error(invoke([*run, tmp_path / "nan.npy"]), "NaN/inf", "sample 1")
     _assert_cli_error(invoke([*run, tmp_path / "ok.npy", "--thresholds", "0.5"]), "got 1 thresholds", "3 exits")
     _assert_cli_error(invoke([*run, tmp_path / "ok.npy", "--thresholds", "nan,0.5"]), "NaN")
+    _assert_cli_error(invoke([*run, tmp_path / "ok.npy", "--fixed-batches", "-1"]), "fixed_batches -1 must be >= 0")
     bad_number = invoke([*run, tmp_path / "ok.npy", "--thresholds", "high,low"])
     assert bad_number.exit_code == 2 and "not a comma-separated list of numbers" in bad_number.output
     assert "Traceback" not in bad_number.output

@@ -97,13 +97,11 @@ def _split_view(reshaped: gs.Tensor) -> HeadView | None:
     reshape = producer(reshaped, "Reshape")
     if reshape is None:
         return None
-    source, out = reshape.inputs[0], shape_of(reshaped)
-    into = shape_of(source)
-    if into is None or out is None or len(into) != 3 or len(out) != 4 or into[:2] != out[:2]:
+    source = reshape.inputs[0]
+    merged = shape_of(source)
+    if not _splits_last_axis(merged, shape_of(reshaped), parts=2):
         return None
-    if not all(isinstance(d, int) for d in (*out[1:], into[2])) or into[2] != out[2] * out[3]:
-        return None
-    return HeadView(source=source, start=0, width=into[2])
+    return HeadView(source=source, start=0, width=merged[2])
 
 
 def _packed_view(tensor: gs.Tensor) -> HeadView | None:
@@ -115,13 +113,10 @@ def _packed_view(tensor: gs.Tensor) -> HeadView | None:
     reshape = producer(transpose.inputs[0], "Reshape")
     if reshape is None:
         return None
-    source, out = reshape.inputs[0], shape_of(reshape.outputs[0])
-    into = shape_of(source)
-    if into is None or out is None or len(into) != 3 or len(out) != 5 or into[:2] != out[:2]:
+    source, split = reshape.inputs[0], shape_of(reshape.outputs[0])
+    if not _splits_last_axis(shape_of(source), split, parts=3):
         return None
-    if not all(isinstance(d, int) for d in (*out[1:], into[2])) or into[2] != out[2] * out[3] * out[4]:
-        return None
-    width = out[3] * out[4]
+    width = split[3] * split[4]
     return HeadView(source=source, start=index * width, width=width)
 
 
@@ -158,9 +153,15 @@ def _head_merge(output: gs.Tensor) -> tuple[gs.Node, gs.Node] | None:
     if list(transpose.attrs["perm"]) != SPLIT_HEADS or len(transpose.outputs[0].outputs) != 1:
         return None
     reshape = transpose.outputs[0].outputs[0]
-    four, three = shape_of(transpose.outputs[0]), shape_of(reshape.outputs[0]) if reshape.op == "Reshape" else None
-    if four is None or three is None or len(three) != 3 or three[:2] != four[:2]:
-        return None
-    if not all(isinstance(d, int) for d in (*four[1:], three[2])) or three[2] != four[2] * four[3]:
+    if reshape.op != "Reshape" or not _splits_last_axis(shape_of(reshape.outputs[0]), shape_of(transpose.outputs[0]),
+                                                        parts=2):
         return None
     return transpose, reshape
+
+
+def _splits_last_axis(merged: list | None, split: list | None, parts: int) -> bool:
+    """Whether `split` is `merged` [B, N, W] with W split into `parts` static axes, B and N kept."""
+    if merged is None or split is None or len(merged) != 3 or len(split) != 2 + parts or merged[:2] != split[:2]:
+        return False
+    static = (*split[1:], merged[2])
+    return all(isinstance(d, int) for d in static) and merged[2] == int(np.prod(split[2:]))

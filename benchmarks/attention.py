@@ -2,7 +2,7 @@
 
 Run from the repository root:  python -m benchmarks.attention [--repeats 20]
 
-Deployment-sized look-alikes built from the blocks of `tests/zoo_attention.py` at 224x224: PVT-Tiny-like
+Deployment-sized look-alikes built from the blocks of `zoo/attention.py` at 224x224: PVT-Tiny-like
 (56/28/14/7 token grids, widths 64/128/320/512, two blocks per stage; FLatten attention with spatial
 reduction 8/4/2, or Agent attention with 7x7 agents, in the first three stages, softmax attention in the
 last) and Swin-T-like (7x7 windows, widths 96/192/384/768, per stage a FLatten or Agent block (3x3 agents,
@@ -36,8 +36,8 @@ import dync
 from dync.exporter.capture import quiet_torch_onnx
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 from dync.timing import median_times
-from tests.helpers import random_input
-from tests.zoo_attention import (
+from zoo import random_input
+from zoo.attention import (
     Classifier,
     WindowAttention,
     agent_attention,

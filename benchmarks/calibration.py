@@ -30,7 +30,7 @@ from dync.demo import load_example
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds, resolve_thresholds
 from dync.timing import median_times
-from tests.zoo import ZOO, msdnet_cifar7
+from zoo.multi_exit import ZOO, msdnet_cifar7
 
 BUDGETS = (0.3, 0.5, 0.7)
 LATENCY_BATCHES = (1, 64)

@@ -28,7 +28,7 @@ from dync.exporter.capture import quiet_torch_onnx
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 from dync.runtime.exit_rule import forcing_thresholds
 from dync.timing import median_times
-from tests.zoo import msdnet_cifar7
+from zoo.multi_exit import msdnet_cifar7
 
 
 def plain_export(model: torch.nn.Module, batch: int, path: Path) -> Path:

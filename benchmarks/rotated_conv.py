@@ -2,7 +2,7 @@
 
 Run from the repository root:  python -m benchmarks.rotated_conv [--repeats 20] [--batches 1,8,32]
 
-The ARC-ResNet look-alike of `tests/zoo_arc.py` (per-sample rotated and mixed 3x3 kernels, written as a
+The ARC-ResNet look-alike of `zoo/arc.py` (per-sample rotated and mixed 3x3 kernels, written as a
 grouped conv with the batch folded into the channels) at 3x64x64. dync exports it once with a dynamic batch
 (the per-sample conv becomes a `dync::PerSampleConv2d` node); the plain export can only bake the batch into
 Conv's `group`, so it is exported again at every batch size measured. Columns: dync as it runs (onnxruntime
@@ -28,7 +28,7 @@ from dync.exporter.capture import quiet_torch_onnx
 from dync.plugins import decompose_custom_nodes
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 from dync.timing import median_times
-from tests.zoo_arc import ArcResNetLike, _ready
+from zoo.arc import ArcResNetLike, _ready
 
 SAMPLE = (3, 64, 64)
 

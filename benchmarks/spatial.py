@@ -31,7 +31,7 @@ from dync.exporter.capture import quiet_torch_onnx
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 from dync.runtime.engine import Engine
 from dync.timing import median_times
-from tests.zoo_spatial import MaskedBottleneck, conv1_positions, force_masks, lasnet_resnet50_like
+from zoo.spatial import MaskedBottleneck, conv1_positions, force_masks, lasnet_resnet50_like
 
 STAGES = {  # name: (cin, mid, cout, size, patch)
     "56x56 64-256": (256, 64, 256, 56, 4),

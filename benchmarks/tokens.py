@@ -34,7 +34,7 @@ import dync
 from dync.runtime.backends.ort import OrtSettings
 from dync.runtime.engine import Engine
 from dync.timing import median_times
-from tests.zoo_tokens import DynamicViTLike, DyTLike, mlp_kept_fractions, set_kept_fraction
+from zoo.tokens import DynamicViTLike, DyTLike, mlp_kept_fractions, set_kept_fraction
 
 VIT_S = {"image": 224, "patch": 16, "dim": 384, "heads": 6}
 PRUNING = {"prune_at": (3, 6, 9), "ratios": (0.7, 0.49, 0.343)}

@@ -29,7 +29,7 @@ from dync.exporter.partition import Stage
 from dync.exporter.probe import Probe
 from dync.runtime.engine import Engine
 from tests.models import TINY_SHAPE, tiny_model
-from tests.zoo import ZOO
+from zoo.multi_exit import ZOO
 
 # Eager PyTorch on these small models is 100x slower with two OpenMP threads than with one when the two cores
 # are shared with other work (threads spin waiting for each other); references do not need the speed of two.

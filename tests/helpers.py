@@ -30,10 +30,6 @@ PyTorch cannot move a sample across a threshold."""
 # --------------------------------------------------------------------------- #
 
 
-def random_input(sample_shape: Sequence[int], batch: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, *sample_shape)).astype(np.float32)
-
-
 def eager_outputs(model: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
     """Every exit's output for `x`, as numpy, earliest first (a single tensor output is one exit)."""
     with torch.no_grad():

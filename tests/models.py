@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tests.zoo import conv_bn, init_like_trained
+from zoo.multi_exit import conv_bn, init_like_trained
 
 
 class TinyMultiExit(nn.Module):

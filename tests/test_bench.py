@@ -9,7 +9,8 @@ from dync.bench import bench, spreading_thresholds, static_baseline
 from dync.calib.thresholds import even_split_thresholds
 from dync.runtime.exit_rule import forcing_thresholds
 from tests.conftest import Exported
-from tests.helpers import assert_close, eager_outputs, random_input
+from tests.helpers import assert_close, eager_outputs
+from zoo import random_input
 
 
 def test_static_baseline_computes_every_exit(msdnet: Exported) -> None:

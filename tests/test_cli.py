@@ -18,8 +18,9 @@ from onnx import numpy_helper
 import dync
 from dync.runtime.exit_rule import max_softmax
 from tests.conftest import CliExport, invoke
-from tests.helpers import copy_package, eager_outputs, expected_exits, random_input, spread_thresholds
+from tests.helpers import copy_package, eager_outputs, expected_exits, spread_thresholds
 from tests.models import TINY_SHAPE, tiny_model
+from zoo import random_input
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SHAPE = TINY_SHAPE[1:]

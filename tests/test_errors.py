@@ -26,9 +26,10 @@ from dync.errors import (
 from dync.package import MANIFEST_FILE
 from dync.verify import verify
 from tests.conftest import CliExport, Exported, invoke
-from tests.helpers import copy_package, random_input
+from tests.helpers import copy_package
 from tests.models import TINY_SHAPE, TinyMultiExit
-from tests.zoo import DataDependentNet
+from zoo import random_input
+from zoo.multi_exit import DataDependentNet
 
 TINY_SHAPE_ARG = "x".join(map(str, TINY_SHAPE))
 

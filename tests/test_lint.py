@@ -36,7 +36,7 @@ from dync.lint import (
     load_operator_facts,
 )
 from dync.package import load_manifest
-from tests.zoo import SingleExitNet
+from zoo.multi_exit import SingleExitNet
 
 F32, I64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 

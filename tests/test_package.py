@@ -19,8 +19,9 @@ from dync.package import (
     write_manifest,
 )
 from tests.conftest import Exported
-from tests.helpers import assert_close, copy_package, eager_outputs, random_input
+from tests.helpers import assert_close, copy_package, eager_outputs
 from tests.models import TINY_SHAPE, tiny_model
+from zoo import random_input
 
 
 def test_manifest_describes_the_program(zoo_export: Exported) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import dync
 from dync.verify import verify
 from tests.conftest import Exported
-from tests.helpers import copy_package, random_input
+from tests.helpers import copy_package
+from zoo import random_input
 
 
 def test_every_zoo_package_verifies(zoo_export: Exported) -> None:

@@ -13,8 +13,9 @@ from dync.calib.calibrate import BudgetRequest, calibrate_package
 from dync.calib.plot import plot_calibration
 from dync.errors import InputError, PackageError
 from tests.conftest import CliExport, invoke
-from tests.helpers import copy_package, eager_outputs, random_input
+from tests.helpers import copy_package, eager_outputs
 from tests.models import TINY_SHAPE
+from zoo import random_input
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from dync.calib.profile import LatencyProfile, load_profile, profile_path, profi
 from dync.errors import InputError, PackageError
 from dync.runtime.engine import Engine
 from tests.models import TINY_SHAPE, tiny_model
-from tests.zoo import SingleExitNet
+from zoo.multi_exit import SingleExitNet
 
 # Three stages measured at 1, 4 and 16 samples (seconds; round numbers so the expectations below are exact).
 SIZES = [1, 4, 16]

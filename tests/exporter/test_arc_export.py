@@ -19,8 +19,9 @@ from dync.errors import CaptureError, SpatialLoweringWarning
 from dync.exporter import rewrites
 from dync.plugins import decompose_custom_nodes
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
-from tests.helpers import assert_close, eager_outputs, random_input
-from tests.zoo_arc import ARC_ZOO, rotation_matrix
+from tests.helpers import assert_close, eager_outputs
+from zoo import random_input
+from zoo.arc import ARC_ZOO, rotation_matrix
 
 W_EDGE_SELF = math.sqrt(2) / 2 * (1 - math.sqrt(2) / 2)  # cos45 (1 - sin45) = 0.2071...
 W_EDGE_CORNER = 0.5  # cos45 sin45

@@ -1,6 +1,6 @@
 """FLatten and Agent attention look-alikes export unmodified, exact against eager, with a dynamic batch.
 
-Every model of `tests/zoo_attention.py` is exported once per module. Checks: the package equals eager at the
+Every model of `zoo/attention.py` is exported once per module. Checks: the package equals eager at the
 export batch's neighbours and at batches never seen (1, 3, 5), `verify` passes, the agent bias tables are
 folded to the constants eager computes (no interpolation on weights left in the graph), adaptive average
 pooling to grids that do not divide the map is exact, and the attention-fusion pass keeps a package exact.
@@ -23,8 +23,9 @@ from dync.describe import describe, format_description
 from dync.exporter.passes.attention import fuse_attention
 from dync.runtime.engine import Engine
 from dync.verify import verify
-from tests.helpers import assert_close, eager_outputs, random_input
-from tests.zoo_attention import ATTENTION_ZOO, AgentAttention
+from tests.helpers import assert_close, eager_outputs
+from zoo import random_input
+from zoo.attention import ATTENTION_ZOO, AgentAttention
 
 INTERPOLATION_OPS = {"Resize", "GridSample", "Upsample", "AffineGrid"}
 BATCHES = (1, 3, 5)

@@ -17,9 +17,10 @@ from dync.errors import ModelLoadError
 from dync.exporter.loading import load_model
 from dync.runtime.exit_rule import forcing_thresholds
 from tests.conftest import Exported
-from tests.helpers import assert_close, eager_outputs, random_input
+from tests.helpers import assert_close, eager_outputs
 from tests.models import TINY_SHAPE, TinyMultiExit, tiny_model
-from tests.zoo import SingleExitNet
+from zoo import random_input
+from zoo.multi_exit import SingleExitNet
 
 
 def _save_script(model: torch.nn.Module, path: Path) -> None:

@@ -16,8 +16,9 @@ from dync.exporter.partition import partition
 from dync.runtime.exit_rule import forcing_thresholds
 from dync.runtime.static import merged_static_model
 from tests.conftest import ExportCache, Exported
-from tests.helpers import ancestors, assert_close, eager_outputs, node_names, random_input
+from tests.helpers import ancestors, assert_close, eager_outputs, node_names
 from tests.models import TINY_SHAPE, ChainedExits, tiny_model
+from zoo import random_input
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -23,9 +23,10 @@ from dync.exporter.passes.spatial.crossover import (
     crossing,
     measure_crossovers,
 )
-from tests.helpers import assert_close, random_input
-from tests.zoo import init_like_trained
-from tests.zoo_spatial import MaskedBottleneck, force_masks
+from tests.helpers import assert_close
+from zoo import random_input
+from zoo.multi_exit import init_like_trained
+from zoo.spatial import MaskedBottleneck, force_masks
 
 SAMPLE_SHAPE = (16, 8, 8)
 

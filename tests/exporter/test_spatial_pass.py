@@ -34,9 +34,10 @@ from dync.package import Manifest
 from dync.plugins import decompose_custom_nodes
 from dync.verify import verify
 from tests.conftest import invoke
-from tests.helpers import assert_close, eager_outputs, random_input
-from tests.zoo import init_like_trained
-from tests.zoo_spatial import SPATIAL_ZOO, LASNetLike, MaskedBottleneck, force_masks, mask_densities
+from tests.helpers import assert_close, eager_outputs
+from zoo import random_input
+from zoo.multi_exit import init_like_trained
+from zoo.spatial import SPATIAL_ZOO, LASNetLike, MaskedBottleneck, force_masks, mask_densities
 
 DENSITIES = (0.0, 0.25, 1.0)
 CROSSOVERS = (1.0, 0.5, 0.0)  # 1.0: row form inline, no If; 0.5: If, row form at 25%; 0.0: If, dense

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import dync
-from tests.helpers import assert_close, eager_outputs, random_input
-from tests.zoo_spatial import SPATIAL_ZOO, force_masks
+from tests.helpers import assert_close, eager_outputs
+from zoo import random_input
+from zoo.spatial import SPATIAL_ZOO, force_masks
 
 DENSE_BY_DESIGN = {"laudnet_channel_block", "laudnet_channel_cifar"}  # no Mul-by-spatial-mask join
 

@@ -30,8 +30,9 @@ from dync.exporter.capture import capture
 from dync.exporter.passes import lower_token_dispatch, report_dispatches
 from dync.runtime.engine import Engine
 from dync.verify import verify
-from tests.helpers import assert_close, eager_outputs, random_input
-from tests.zoo_tokens import TOKENS_ZOO, DyTLike, mlp_kept_fractions, set_kept_fraction
+from tests.helpers import assert_close, eager_outputs
+from zoo import random_input
+from zoo.tokens import TOKENS_ZOO, DyTLike, mlp_kept_fractions, set_kept_fraction
 
 BATCHES = (1, 3)
 IMAGE = (3, 32, 32)

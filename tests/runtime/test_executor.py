@@ -14,11 +14,11 @@ from tests.helpers import (
     expected_exits,
     expected_logits,
     plan_thresholds,
-    random_input,
     recording,
     spread_thresholds,
 )
-from tests.zoo import ZOO
+from zoo import random_input
+from zoo.multi_exit import ZOO
 
 
 def _count_exits(name: str) -> int:

@@ -10,7 +10,8 @@ import dync
 from dync.errors import InputError
 from dync.runtime.backends.ort import OrtSettings, StageSession
 from tests.conftest import Exported
-from tests.helpers import assert_close, eager_outputs, random_input
+from tests.helpers import assert_close, eager_outputs
+from zoo import random_input
 
 
 def test_single_stage_gets_a_fixed_session_per_batch_size(single_exit: Exported) -> None:

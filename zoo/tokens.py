@@ -12,7 +12,7 @@ plain PyTorch ops:
   whose logit is negative skip the MLP: ``x + mlp(norm2(x)) * (gate(x) >= 0)``, the mask a float
   ``[B, N, 1]`` (a Cast of a bool), so the kept count differs per sample.
 
-Conventions (as in ``tests/zoo.py``): ``forward(x)`` takes one ``[B, 3, H, W]`` batch and returns the
+Conventions (as in ``zoo/multi_exit.py``): ``forward(x)`` takes one ``[B, 3, H, W]`` batch and returns the
 logits; no Python control flow on tensor values; construction is deterministic given
 ``torch.manual_seed``. ``set_kept_fraction`` shifts the gate biases for a target kept fraction on a
 given batch; ``mlp_kept_fractions`` measures it.

@@ -19,7 +19,7 @@ PyTorch ops, the eval-mode semantics described in ``docs/spatial_semantics.md``:
   of the bottleneck width multiplies the conv1 and conv2 outputs *before* their
   BatchNorm, so a skipped channel carries ``relu(beta - gamma * mean / std)``.
 
-Conventions (as in ``tests/zoo.py``): ``forward(x)`` takes one ``[B, C, H, W]`` batch
+Conventions (as in ``zoo/multi_exit.py``): ``forward(x)`` takes one ``[B, C, H, W]`` batch
 and returns one tensor; no Python control flow on tensor values; construction is
 deterministic given ``torch.manual_seed``; weights and BatchNorm statistics look
 trained (``init_like_trained``) and the masker biases are calibrated on a fixed
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.zoo import init_like_trained
+from zoo.multi_exit import init_like_trained
 
 __all__ = [
     "SPATIAL_ZOO",

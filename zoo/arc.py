@@ -14,7 +14,7 @@ semantics of ARC's ``AdaptiveRotatedConv2d``, written the way its authors write 
   batch folded into the channels: ``conv2d(x.reshape(1, B*Cin, H, W), W.reshape(B*Cout, Cin/g, 3, 3),
   groups=B*g)``, reshaped back to ``[B, Cout, H', W']``.
 
-Conventions as in ``tests/zoo.py``: factories return eval-mode models built deterministically under
+Conventions as in ``zoo/multi_exit.py``: factories return eval-mode models built deterministically under
 ``torch.manual_seed``, ``forward(x)`` takes ``[B, C, H, W]`` and returns one tensor.
 """
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.zoo import init_like_trained
+from zoo.multi_exit import init_like_trained
 
 __all__ = ["ARC_ZOO", "AdaptiveRotatedConv2d", "ArcResNetLike", "RoutingFunction", "rotation_matrix"]
 

@@ -20,7 +20,7 @@ LeapLabTHU/Agent-Attention); it reproduces their eval-mode semantics with plain 
 * **windowed** variants (Swin): attention runs inside ``w x w`` windows (batch x windows become the attention
   batch); plain window attention adds a relative position bias gathered from a learned table by a fixed index.
 
-Conventions (as in ``tests/zoo.py``): ``forward(x)`` takes an image batch ``[B, 3, H, W]`` and returns logits
+Conventions (as in ``zoo/multi_exit.py``): ``forward(x)`` takes an image batch ``[B, 3, H, W]`` and returns logits
 ``[B, num_classes]``; no Python control flow on tensor values; construction is deterministic given
 ``torch.manual_seed``; weights look trained (``init_like_trained``: biases and bias tables far from zero so
 that a wrongly folded or broadcast table shows); factories return eval-mode models.

@@ -23,8 +23,16 @@ class PartitionError(DyncError):
     """The captured graph cannot be split into per-exit stages."""
 
 
+class ExportError(DyncError):
+    """The package cannot be written where asked (the output exists and is not a dync package, ...)."""
+
+
 class PackageError(DyncError):
     """A package directory is missing, corrupt or of an unsupported format version."""
+
+
+class ProfileError(PackageError):
+    """A package's latency profile is missing, malformed, or measured for a different package."""
 
 
 class InputError(DyncError):

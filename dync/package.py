@@ -8,11 +8,22 @@ file and the field instead of failing later inside a stage.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from dync.errors import PackageError
+from dync.records import (
+    PASS_RECORDS,
+    CalibrationRecord,
+    CustomOpRecord,
+    PassRecord,
+    Provenance,
+    RecordError,
+    VerificationRecord,
+    from_json,
+    to_json,
+)
 
 FORMAT_NAME = "dync-package"
 FORMAT_VERSION = 1
@@ -21,7 +32,7 @@ STAGES_DIR = "stages"
 BATCH_DIM = "batch"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorSpec:
     """A tensor crossing the package boundary or a stage boundary; shape[0] is the symbolic batch."""
 
@@ -32,7 +43,8 @@ class TensorSpec:
 
 @dataclass
 class ExitSpec:
-    """The exit a stage ends in: which output it is, how confident it must be, and what reaching it costs."""
+    """The exit a stage ends in: which output it is, how confident it must be, and what reaching it costs.
+    `threshold` is the one field calibration changes in place."""
 
     output: str
     criterion: str
@@ -41,7 +53,7 @@ class ExitSpec:
     threshold: float | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageSpec:
     """One static ONNX subgraph of the program, with the state it reads and writes."""
 
@@ -59,12 +71,8 @@ class Manifest:
     """Everything about a package except the ONNX bytes.
 
     `exit_selection` is the `--exits` choice (indices into the forward's outputs), None for all of them.
-    `spatial` has one record per masked bottleneck the spatial pass looked at: node, lowered, reason, and the
-    crossover density above which the block runs dense. `tokens` likewise for gated token MLPs (DyT-style
-    dispatch): node, lowered, reason, and the number of MLP nodes run on kept tokens only. `attention` has one
-    record per softmax attention the fusion pass matched: its Softmax node, whether it runs as one ONNX
-    `Attention` node, its per-sample shape, and the measured time of the fused form over the unfused one.
-    `custom_ops` lists
+    `passes` holds, per exporter pass that found something (its name, e.g. "spatial"), one record per candidate
+    (see `dync.records.PASS_RECORDS`); in the JSON each pass's records sit under its name. `custom_ops` lists
     the `dync::` ops the stages use and the fallback a backend without their plugin takes.
     """
 
@@ -72,14 +80,12 @@ class Manifest:
     inputs: list[TensorSpec]
     state: list[TensorSpec]
     stages: list[StageSpec]
-    provenance: dict[str, Any]
+    provenance: Provenance
     exit_selection: list[int] | None = None
-    custom_ops: list[dict[str, Any]] = field(default_factory=list)
-    spatial: list[dict[str, Any]] = field(default_factory=list)
-    tokens: list[dict[str, Any]] = field(default_factory=list)
-    attention: list[dict[str, Any]] = field(default_factory=list)
-    verification: dict[str, Any] | None = None
-    calibration: dict[str, Any] | None = None
+    custom_ops: list[CustomOpRecord] = field(default_factory=list)
+    passes: dict[str, list[PassRecord]] = field(default_factory=dict)
+    verification: VerificationRecord | None = None
+    calibration: CalibrationRecord | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -97,8 +103,13 @@ class Manifest:
     def full_macs(self) -> int:
         return self.exits[-1].cumulative_macs
 
+    def records(self, pass_name: str) -> list[PassRecord]:
+        """The records of one pass, empty when it found nothing or did not run."""
+        return self.passes.get(pass_name, [])
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        raw = to_json({f.name: getattr(self, f.name) for f in fields(self) if f.name != "passes"})
+        return {**raw, **{name: to_json(records) for name, records in self.passes.items()}}
 
 
 def write_manifest(package_dir: Path, manifest: Manifest) -> None:
@@ -124,6 +135,7 @@ def load_manifest(package_dir: str | Path) -> Manifest:
 
 
 def _manifest_from_json(raw: Any, path: Path) -> Manifest:
+    """The manifest with every field checked against its type; pass records are read by their pass's type."""
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise PackageError(f"{path} is not a dync manifest (no 'format': '{FORMAT_NAME}'); re-export it.")
     version = raw.get("format_version")
@@ -133,25 +145,19 @@ def _manifest_from_json(raw: Any, path: Path) -> Manifest:
             "re-export the model with this dync or install the dync that wrote it."
         )
     try:
-        stages = [
-            StageSpec(**{**s, "exit": ExitSpec(**s["exit"])}) for s in raw["stages"]
-        ]
-        return Manifest(
-            name=raw["name"],
-            inputs=[TensorSpec(**t) for t in raw["inputs"]],
-            state=[TensorSpec(**t) for t in raw["state"]],
-            stages=stages,
-            provenance=raw["provenance"],
-            exit_selection=raw.get("exit_selection"),
-            custom_ops=raw.get("custom_ops", []),
-            spatial=raw.get("spatial", []),
-            tokens=raw.get("tokens", []),
-            attention=raw.get("attention", []),
-            verification=raw.get("verification"),
-            calibration=raw.get("calibration"),
-        )
-    except (KeyError, TypeError) as exc:
-        raise PackageError(f"{path} is missing or has a malformed field ({exc}); re-export the package.") from exc
+        passes = {name: [from_json(kind, r, f"{name}[{i}]") for i, r in enumerate(_list(raw.pop(name, [])))]
+                  for name, kind in PASS_RECORDS.items()}
+        manifest = from_json(Manifest, raw, "manifest")
+    except RecordError as exc:
+        raise PackageError(f"{path}: {exc}; re-export the package with `dync export`.") from exc
+    manifest.passes = {name: records for name, records in passes.items() if records}
+    return manifest
+
+
+def _list(value: Any) -> list:
+    if not isinstance(value, list):
+        raise RecordError(f"pass records must be a list, not {type(value).__name__}")
+    return value
 
 
 def _check_program(manifest: Manifest, package_dir: Path) -> None:

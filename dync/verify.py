@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,26 +19,12 @@ from dync.errors import VerificationError
 from dync.exporter.capture import eager_exits
 from dync.exporter.loading import eval_mode, load_model
 from dync.package import write_manifest
+from dync.records import VerificationRecord
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
-
-
-@dataclass
-class VerificationRecord:
-    """Stored in the manifest: worst errors per exit path and for the mixed (compacted) run."""
-
-    max_abs_error: list[float]
-    max_rel_error: list[float]
-    mixed_max_abs_error: float
-    mixed_exit_counts: list[int]
-    batch: int
-    rtol: float
-    atol: float
-    passed: bool
-    checked: str
 
 
 def verify(
@@ -72,21 +57,21 @@ def verify(
         report(f"exit {k}: max abs error {abs_errors[-1]:.3g}, relative {rel_errors[-1]:.3g}")
     mixed = engine.execute(x, even_split_thresholds([e.criterion for e in engine.manifest.exits], reference))
     expected = np.stack(reference)[mixed.exit, np.arange(len(x))]
+    mixed_error = _max_abs(mixed.logits, expected)
     result = VerificationRecord(
         max_abs_error=abs_errors,
         max_rel_error=rel_errors,
-        mixed_max_abs_error=_max_abs(mixed.logits, expected),
+        mixed_max_abs_error=mixed_error,
         mixed_exit_counts=np.bincount(mixed.exit, minlength=engine.num_exits).tolist(),
         batch=len(x),
         rtol=rtol,
         atol=atol,
-        passed=False,
+        passed=_within(max(*abs_errors, mixed_error), reference, rtol, atol),
         checked=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     report(f"mixed run (exits {result.mixed_exit_counts}): max abs error {result.mixed_max_abs_error:.3g}")
-    result.passed = _within(result, reference)
     if record:
-        engine.manifest.verification = asdict(result)
+        engine.manifest.verification = result
         write_manifest(engine.package_dir, engine.manifest)
     if not result.passed:
         worst = int(np.argmax(rel_errors))
@@ -102,7 +87,6 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
 
 
-def _within(result: VerificationRecord, reference: list[np.ndarray]) -> bool:
+def _within(error: float, reference: list[np.ndarray], rtol: float, atol: float) -> bool:
     scale = max(float(np.abs(r).max()) for r in reference)
-    allowed = result.atol + result.rtol * scale
-    return max(*result.max_abs_error, result.mixed_max_abs_error) <= allowed
+    return error <= atol + rtol * scale

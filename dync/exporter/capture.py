@@ -111,7 +111,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor, exits: Sequence[int] 
                 input_names=[INPUT_NAME],
                 output_names=exit_names,
                 dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},),
-                custom_translation_table=rewrites.TRANSLATIONS,
+                custom_translation_table=rewrites.translations(),
                 verbose=False,
             )
     except CaptureError:

@@ -12,7 +12,8 @@ is symbolic (it depends on the batch) is replaced by
 which returns the same folded layout, so the model's own reshape back to [B, Cout, H', W'] is untouched.
 Guarantees: every other call passes through unchanged, outputs equal eager, the batch stays symbolic. A
 batch-dependent `groups` that does not fit the pattern is a CaptureError naming the module; never a
-silently specialized graph. `TRANSLATIONS` emits the op as its `dync::PerSampleConv2d` plugin node.
+silently specialized graph. `translations()` gathers every plugin op's torch.onnx translation from the
+registry, so the op is emitted as its `dync::PerSampleConv2d` plugin node.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.overrides import TorchFunctionMode
 
 from dync.errors import CaptureError
-from dync.plugins import per_sample_conv
+from dync.plugins import registry
 
 _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV2D_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -84,8 +85,8 @@ class _PerSampleConvMode(TorchFunctionMode):
                              f"{weight.shape[0]} kernels are not all provably multiples of the batch {batch}")
         x = input.reshape(batch, -1, *input.shape[2:])
         w = weight.reshape(batch, -1, *weight.shape[1:])
-        out = torch.ops.dync.per_sample_conv2d(x, w, _pair(stride), _pair(padding), _pair(dilation),
-                                               int(groups // batch))
+        per_sample_conv2d = registry().get("PerSampleConv2d").face("reference")
+        out = per_sample_conv2d(x, w, _pair(stride), _pair(padding), _pair(dilation), int(groups // batch))
         if bias is not None:
             out = out + bias.reshape(batch, -1, 1, 1)
         return out.reshape(1, -1, *out.shape[2:])
@@ -126,22 +127,10 @@ def recognize_per_sample_convs(model: torch.nn.Module) -> Iterator[None]:
             handle.remove()
 
 
-def _per_sample_conv2d_onnx(x: Any, weight: Any, stride: list[int], padding: list[int], dilation: list[int],
-                            groups: int) -> Any:
-    """torch.onnx translation of `dync::per_sample_conv2d`: the `dync::PerSampleConv2d` plugin node.
-
-    Runtimes take it from there: onnxruntime through the op's fast CPU path (a graph per batch size) or its
-    portable decomposition, TensorRT through the plugin.
-    """
-    from onnxscript.values import Opset
-
-    record = per_sample_conv.OP
-    per_sample_conv.register_onnx_schema()
-    kernel_shape = [int(d) for d in weight.shape[3:]]
-    attrs = per_sample_conv.conv_attributes(kernel_shape, stride, padding, dilation, groups)
-    return Opset(record.domain, 1).PerSampleConv2d(x, weight, plugin_version=record.version,
-                                                   plugin_namespace=record.namespace, **attrs)
-
-
-TRANSLATIONS = {torch.ops.dync.per_sample_conv2d.default: _per_sample_conv2d_onnx}
-"""Pass as `torch.onnx.export(..., custom_translation_table=TRANSLATIONS)`."""
+def translations() -> dict[Any, Any]:
+    """torch.onnx's `custom_translation_table`: every plugin op's reference op, translated to its `dync::` node."""
+    table: dict[Any, Any] = {}
+    for op in registry():
+        if op.translation is not None:
+            table.update(op.face("translation"))
+    return table

@@ -5,12 +5,13 @@ from __future__ import annotations
 import tensorrt as trt
 
 from dync.errors import PluginError
+from dync.plugins.registry import DTYPES, OpRecord
 
-_TRITON_DTYPES = {trt.float32: "fp32", trt.float16: "fp16"}
 
-
-def triton_dtype(dtype: trt.DataType, op: str) -> str:
-    """Triton's pointer type name for a TensorRT data type the Triton kernels support."""
-    if dtype not in _TRITON_DTYPES:
-        raise PluginError(f"{op}'s TensorRT plugin supports float32 and float16, not {dtype}.")
-    return _TRITON_DTYPES[dtype]
+def triton_dtype(dtype: trt.DataType, op: OpRecord) -> str:
+    """Triton's pointer type name for a TensorRT data type that `op` declares (the registry's one type table)."""
+    for name in op.dtypes:
+        if getattr(trt, DTYPES[name].tensorrt) == dtype:
+            return DTYPES[name].triton
+    raise PluginError(f"{op.name}'s TensorRT plugin takes {', '.join(op.dtypes)}, not {dtype}; cast the input to "
+                      "one of those before the node.")

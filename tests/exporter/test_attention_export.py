@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from torch import Tensor, nn
 
 import dync
-from dync.describe import describe, format_description
+from dync.describe import format_description
 from dync.exporter.passes.attention import fuse_attention
 from dync.runtime.engine import Engine
 from dync.verify import verify
@@ -123,7 +123,7 @@ def test_export_fuses_attention_where_measured_faster(name: str, packages: dict)
 
 def test_inspect_lists_each_softmax_attention_and_its_measurement(packages: dict) -> None:
     engine = packages["agent_swin"][1]
-    text = format_description(describe(engine.package_dir))
+    text = format_description(engine.manifest)
     records = engine.manifest.attention
     assert f"softmax attentions: {sum(r['fused'] for r in records)} of {len(records)} fused" in text
     for record in records:

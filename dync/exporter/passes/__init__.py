@@ -1,14 +1,20 @@
-"""Graph passes over exported ONNX models, one rule family per module.
+"""Graph passes over each stage's ONNX model, one rule family per subpackage, run in the order of `PASSES`.
 
-* `spatial`: lower LASNet-style masked bottlenecks to gather-scatter execution
-  (`lower_masked_bottlenecks`).
-* `tokens`: lower DyT-style token dispatch to an MLP on the packed kept tokens (`lower_token_dispatch`).
+* `spatial`: LASNet-style masked bottlenecks to gather-scatter execution (both forms);
+* `tokens`: DyT-style token dispatch to an MLP on the packed kept tokens (portable form);
+* `attention`: softmax attention into ONNX `Attention` where measured faster (portable form).
+
+`context.py` holds the contract every pass keeps (`Pass`, `PassContext`, the forms).
 """
 
 from __future__ import annotations
 
-from dync.exporter.passes.spatial import LoweringReport, SpatialLoweringError, lower_masked_bottlenecks
-from dync.exporter.passes.tokens import DispatchReport, lower_token_dispatch, report_dispatches
+from dync.exporter.passes.attention import AttentionPass
+from dync.exporter.passes.context import FORMS, Pass, PassContext
+from dync.exporter.passes.spatial import SpatialPass
+from dync.exporter.passes.tokens import TokenPass
 
-__all__ = ["DispatchReport", "LoweringReport", "SpatialLoweringError", "lower_masked_bottlenecks",
-           "lower_token_dispatch", "report_dispatches"]
+PASSES: tuple[Pass, ...] = (SpatialPass(), TokenPass(), AttentionPass())
+"""Every pass, in the order each stage goes through them."""
+
+__all__ = ["FORMS", "PASSES", "Pass", "PassContext"]

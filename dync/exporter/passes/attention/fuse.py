@@ -24,7 +24,8 @@ Tiles (the Add broadcasts the table as the mask would).
 Guarantees: graph inputs and outputs are unchanged, the batch axis stays dynamic, and outputs equal the
 unfused graph's to float rounding (onnxruntime's kernel computes the same products, scale and softmax).
 The model is converted to opset 23 with `onnx.version_converter` when something matches; when nothing
-matches, or the converter cannot convert the model, the model is returned unchanged.
+matches the model is returned unchanged, and when the converter cannot convert the model it is returned
+unchanged with every match recorded as unfused, the converter's complaint as the reason.
 """
 
 from __future__ import annotations
@@ -37,36 +38,23 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
-from dync.exporter.passes.attention.graph import all_ones, only_consumer, producer, rank, scalar, shape_of
 from dync.exporter.passes.attention.heads import HeadView, head_view, keys_head_view, merged_input, merged_output
+from dync.graph import (
+    all_ones,
+    default_opset,
+    export_graph,
+    import_graph,
+    only_consumer,
+    producer,
+    rank,
+    scalar,
+    shape_of,
+)
+from dync.records import AttentionRecord, AttentionShape
 
 ATTENTION_OPSET = 23
 SOFTMAX_LAST_AXIS_OPSET = 13
 """From opset 13 Softmax normalizes over one axis (-1 by default), not over all axes from `axis` on."""
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    """What an attention's speed depends on, per sample: Q [heads, queries, head_dim], K [heads, keys, head_dim],
-    V [heads, keys, value_dim], the bias's shape (None without one), and whether Q, K and V are head views
-    of [tokens, heads * dim] tensors, so that the fused node takes them in its 3-D form (`heads.py`)."""
-
-    heads: int
-    queries: int
-    keys: int
-    head_dim: int
-    value_dim: int
-    bias: tuple[int, ...] | None
-    merged_heads: bool = False
-
-
-@dataclass(frozen=True)
-class FusionReport:
-    """What the pass did with one softmax attention, named by its Softmax node."""
-
-    node: str
-    fused: bool
-    shape: AttentionShape | None
 
 
 Choice = Callable[[AttentionShape], bool]
@@ -90,42 +78,40 @@ class _Match:
     output: gs.Tensor
 
 
-def fuse_attention(model: onnx.ModelProto, choose: Choice = fuse_all) -> tuple[onnx.ModelProto, list[FusionReport]]:
-    """The model with the matching softmax attentions that `choose` picks fused, and a report per match.
+def fuse_attention(model: onnx.ModelProto, choose: Choice = fuse_all) -> tuple[onnx.ModelProto,
+                                                                              list[AttentionRecord]]:
+    """The model with the matching softmax attentions that `choose` picks fused, and a record per match.
 
     `choose` sees each match's static shape; a match whose shape is not static is fused without asking.
     """
-    if _opset(model) < SOFTMAX_LAST_AXIS_OPSET or not _find_matches(_graph(model)):
+    matches = _find_matches(import_graph(model, infer_shapes=True)) if default_opset(model) >= \
+        SOFTMAX_LAST_AXIS_OPSET else []
+    if not matches:
         return model, []
     try:
         converted = version_converter.convert_version(model, ATTENTION_OPSET)
-    except Exception:  # the converter lacks an adapter for some op: leave the model unfused
-        return model, []
-    graph = _graph(converted)
+    except (RuntimeError, onnx.checker.ValidationError) as exc:  # no adapter for some op of the model
+        reason = f"onnx's version converter cannot take the model to opset {ATTENTION_OPSET} ({exc})"
+        return model, [AttentionRecord(_softmax_name(m), False, _attention_shape(m, False), reason=reason)
+                       for m in matches]
+    graph = import_graph(converted, infer_shapes=True)
     reports = []
     for index, match in enumerate(_find_matches(graph)):  # in graph order: an earlier 3-D output is a head view
-        softmax = match.nodes[0]
         views = _head_views(match)
-        name, shape = softmax.name or softmax.outputs[0].name, _attention_shape(match, views is not None)
+        name, shape = _softmax_name(match), _attention_shape(match, views is not None)
         fused = shape is None or choose(shape)
         if fused:
             _rewrite(graph, match, f"fused_attention_{index}", views)
         elif match.bias is not None:
             _drop_batch_tiles(match)
-        reports.append(FusionReport(node=name, fused=fused, shape=shape))
+        reports.append(AttentionRecord(node=name, fused=fused, shape=shape))
     graph.cleanup().toposort()
-    rewritten = gs.export_onnx(graph)
-    rewritten.ir_version = converted.ir_version
-    return rewritten, reports
+    return export_graph(graph, like=converted), reports
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import with inferred shapes: the rules check ranks and the bias's shape."""
-    return gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+def _softmax_name(match: _Match) -> str:
+    softmax = match.nodes[0]
+    return softmax.name or softmax.outputs[0].name
 
 
 def _find_matches(graph: gs.Graph) -> list[_Match]:

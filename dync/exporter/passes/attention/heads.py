@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from dync.exporter.passes.attention.graph import constant, producer, shape_of
+from dync.graph import constant, producer, shape_of
 
 SPLIT_HEADS = [0, 2, 1, 3]
 SPLIT_PACKED_HEADS = [2, 0, 3, 1, 4]

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dync.exporter.passes.attention.fuse import ATTENTION_OPSET, AttentionShape
+from dync.exporter.passes.attention.fuse import ATTENTION_OPSET
+from dync.records import AttentionShape
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 from dync.timing import median_times
 

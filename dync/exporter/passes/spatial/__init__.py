@@ -8,98 +8,58 @@
 * `plugins` (for TensorRT): `patches.py`, `dync::GatherPatches` / `dync::ScatterAddPatches` nodes.
 
 Blocks that fail a check stay dense and get a `LoweringReport` naming the node and the reason.
-`crossover.py` measures each block's crossover density on this machine.
+`crossover.py` measures each block's crossover density on this machine. `SpatialPass` is the exporter's
+pass: it lowers each stage and records one `SpatialRecord` per candidate in the manifest.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import onnx
-import onnx_graphsurgeon as gs
 
-from dync.errors import SpatialLoweringError
-from dync.exporter.passes.spatial.graph import restore_metadata
-from dync.exporter.passes.spatial.match import Block, Ineligible, candidates, match
-from dync.exporter.passes.spatial.patches import emit_patches
-from dync.exporter.passes.spatial.rows import emit_rows
+from dync.errors import SpatialLoweringError, SpatialLoweringWarning
+from dync.exporter.passes.context import FORMS, PassContext
+from dync.exporter.passes.spatial.crossover import measure_crossovers
+from dync.exporter.passes.spatial.lower import (
+    ALWAYS_SPARSE,
+    LoweringReport,
+    check_crossover,
+    lower_masked_bottlenecks,
+)
+from dync.records import SpatialRecord
 
-__all__ = ["OPS", "LoweringReport", "SpatialLoweringError", "lower_masked_bottlenecks"]
-
-OPS = ("portable", "plugins")
-MIN_OPSET = 16  # ScatterND reduction="add" needs opset 16
-ALWAYS_SPARSE = 1.0  # a crossover density no batch exceeds: the lowered form always runs
-
-
-@dataclass(frozen=True)
-class LoweringReport:
-    """What the pass did with one `Relu(Add(Mul(.), .))` candidate, named by its final Relu node."""
-
-    node: str
-    lowered: bool
-    reason: str
-    crossover: float | None = None
-    inputs: tuple[str, ...] = ()
-    output: str = ""
+__all__ = ["ALWAYS_SPARSE", "LoweringReport", "SpatialLoweringError", "SpatialPass", "check_crossover",
+           "lower_masked_bottlenecks"]
 
 
-def lower_masked_bottlenecks(
-    model: onnx.ModelProto, ops: str = "portable", crossover: float | Mapping[str, float] = ALWAYS_SPARSE
-) -> tuple[onnx.ModelProto, list[LoweringReport]]:
-    """Lower every eligible masked bottleneck of `model`; returns the new model and one report per candidate.
+class SpatialPass:
+    """Masked bottlenecks to gather-scatter execution, in both forms.
 
-    Precondition: `model` is an ONNX model (default-domain opset >= 16) as `torch.onnx.export(dynamo=True)`
-    writes it, BatchNorms folded into conv biases. Guarantee: graph inputs and outputs (names, shapes, the
-    dynamic batch dim) are unchanged and every output equals the input model's up to float summation
-    order. `crossover` (portable form only) is the mask density above which a block runs dense, one value
-    or one per block name (missing names get ALWAYS_SPARSE). `model` itself is not modified.
+    Keeps: stage inputs and outputs, the dynamic batch, outputs equal to the dense model's up to summation
+    order. The portable form's crossovers are measured once per export on the whole captured model (every
+    block at once), unless the context fixes one crossover for all blocks.
     """
-    if ops not in OPS:
-        raise SpatialLoweringError(f"Unknown spatial ops form {ops!r}; use one of {', '.join(OPS)}.")
-    _check_opset(model)
-    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
-    reports = []
-    for relu in list(candidates(graph)):
-        try:
-            block = match(relu)
-            value = _crossover_for(block, crossover)
-            inputs, output = (block.x.name, block.shortcut.name, block.decision.name), relu.outputs[0].name
-            if ops == "plugins":
-                emit_patches(graph, block)
+
+    name = "spatial"
+    forms = FORMS
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> tuple[onnx.ModelProto, list[SpatialRecord]]:
+        lowered, reports = lower_masked_bottlenecks(model, context.form, self._crossover(context))
+        for block in reports:
+            if block.lowered:
+                context.progress(f"masked bottleneck {block.node}: lowered")
             else:
-                emit_rows(graph, block, value)
-        except Ineligible as why:
-            reports.append(LoweringReport(relu.name, False, str(why)))
-            continue
-        reports.append(LoweringReport(relu.name, True, f"lowered ({ops})", value if ops == "portable" else None,
-                                      inputs, output))
-    graph.cleanup().toposort()
-    lowered = gs.export_onnx(graph)
-    restore_metadata(lowered, model)
-    return lowered, reports
+                warnings.warn(f"masked bottleneck {block.node} is left dense: {block.reason}.",
+                              SpatialLoweringWarning, stacklevel=2)
+        return lowered, [SpatialRecord(r.node, r.lowered, r.reason, r.crossover) for r in reports]
 
-
-def _crossover_for(block: Block, crossover: float | Mapping[str, float]) -> float:
-    value = crossover.get(block.name, ALWAYS_SPARSE) if isinstance(crossover, Mapping) else crossover
-    return check_crossover(value, block.name)
-
-
-def check_crossover(value: float, where: str = "all blocks") -> float:
-    """A crossover density must lie in [0, 1] (NaN does not)."""
-    if not 0.0 <= value <= 1.0:
-        raise SpatialLoweringError(
-            f"Spatial crossover {value!r} for {where} is not a mask density in [0, 1]; pass e.g. 0.5, or 1.0 "
-            "to always run the gather-scatter form."
-        )
-    return float(value)
-
-
-def _check_opset(model: onnx.ModelProto) -> None:
-    """Reject models whose default-domain opset is too old for the lowered forms' ops."""
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if version < MIN_OPSET:
-        raise SpatialLoweringError(
-            f"Spatial lowering needs default-domain opset >= {MIN_OPSET}, the model has {version}; "
-            f"re-export it with opset_version={MIN_OPSET} or later."
-        )
+    @staticmethod
+    def _crossover(context: PassContext) -> float | Mapping[str, float]:
+        if context.spatial_crossover is not None:
+            return context.spatial_crossover
+        if context.form != "portable":
+            return ALWAYS_SPARSE
+        return context.once("spatial crossovers", lambda: measure_crossovers(context.whole_model,
+                                                                             progress=context.progress))

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from dync.exporter.passes.spatial.lower import lower_masked_bottlenecks
 from dync.exporter.passes.spatial.rows import CROSSOVER_SUFFIX
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 from dync.timing import median_times
@@ -33,8 +34,6 @@ def measure_crossovers(
     progress: Callable[[str], None] = lambda message: None,
 ) -> dict[str, float]:
     """`{block: crossover density}` for every block of the (not yet lowered) `model` the pass can lower."""
-    from dync.exporter.passes.spatial import lower_masked_bottlenecks
-
     lowered, reports = lower_masked_bottlenecks(model, "portable", MEASURING)
     blocks = [r for r in reports if r.lowered]
     if blocks:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from dync.exporter.passes.spatial.graph import producer
+from dync.graph import producer
 
 # Ops that copy or rearrange values without creating new ones: a binary tensor stays binary through them.
 VALUE_PRESERVING = ("Reshape", "Unsqueeze", "Squeeze", "Expand", "Identity", "Tile", "Flatten")

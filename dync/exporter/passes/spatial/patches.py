@@ -1,7 +1,7 @@
 """The plugin form of a masked bottleneck: `dync::GatherPatches` / `dync::ScatterAddPatches` (`--ops plugins`).
 
 For TensorRT, whose parser maps the custom-domain nodes to the Triton plugins of
-`dync/plugins/gather_scatter.py`. Blocks must be stride 1 with a 3x3 conv2 and a mask that is a nearest
+`dync/plugins/gather_scatter/`. Blocks must be stride 1 with a 3x3 conv2 and a mask that is a nearest
 upsampling of a `[B, 1, m, m']` grid into S x S patches tiling the output (`S = Ho // m`)::
 
     idx = Transpose(NonZero(Squeeze(grid, 1)))                  [M, 3] rows (n, by, bx)
@@ -18,22 +18,20 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from dync.exporter.passes.spatial.graph import Builder, producer
 from dync.exporter.passes.spatial.match import Block, Ineligible, static_hw
+from dync.graph import Builder, producer
+from dync.plugins.registry import registry
 
 
 def emit_patches(graph: gs.Graph, block: Block) -> None:
     """Replace `block` by its plugin form, writing the block's own output; `Ineligible` if the geometry differs."""
-    from dync.plugins.gather_scatter import emit_gather_patches, emit_scatter_add_patches
-
     grid, patch = _grid_and_patch(block)
     b = Builder(graph.nodes, f"{block.name}/patches/")
     index = _block_index(b, grid)
-    patches = b.import_protos(graph, [emit_gather_patches([block.x.name, index.name], [f"{b.prefix}gathered"],
-                                                          patch=patch, halo=1, name=f"{b.prefix}gather")])
+    patches = registry().get("GatherPatches").emit(b, [block.x, index], name="gather", patch=patch, halo=1)
     result = _patch_convs(b, block, patches, index, static_hw(grid, "mask grid"), patch)
-    joined = b.import_protos(graph, [emit_scatter_add_patches(
-        [block.shortcut.name, result.name, index.name], [f"{b.prefix}joined"], patch=patch, name=f"{b.prefix}scatter")])
+    joined = registry().get("ScatterAddPatches").emit(b, [block.shortcut, result, index], name="scatter",
+                                                      patch=patch)
     joined.dtype, joined.shape = block.shortcut.dtype, block.shortcut.shape
     block.relu.inputs[0] = joined
 

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from dync.exporter.passes.spatial.graph import Builder
 from dync.exporter.passes.spatial.match import Block
+from dync.graph import Builder
 
 CROSSOVER_SUFFIX = "spatial/crossover"
 

@@ -2,7 +2,9 @@
 
 `match.py` finds `Add(Mul(mlp(x), mask), residual)` with a binary per-token mask and a row-wise MLP (see
 `docs/tokens.md`); `rows.py` replaces it by NonZero -> Gather -> the MLP on packed rows -> ScatterND(add).
-Candidates that fail a check stay as they are and get a `DispatchReport` naming the node and the reason.
+Candidates that fail a check stay as they are and get a `TokenRecord` naming the node and the reason.
+`TokenPass` is the exporter's pass; it serves only the portable form, since TensorRT's parser refuses the
+ScatterND with `reduction="add"` the packed form needs.
 
 Token pruning with static keep ratios (DynamicViT) needs no pass: its TopK and gathers have static shapes
 apart from the batch and export as they are.
@@ -12,41 +14,31 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import onnx
-import onnx_graphsurgeon as gs
 
 from dync.errors import TokenLoweringWarning
-from dync.exporter.passes.spatial.graph import restore_metadata
+from dync.exporter.passes.context import PassContext
 from dync.exporter.passes.tokens.match import Ineligible, Order, candidates, match
 from dync.exporter.passes.tokens.rows import emit_packed
+from dync.graph import default_opset, export_graph, import_graph
+from dync.records import TokenRecord
 
-__all__ = ["DispatchReport", "lower_token_dispatch", "report_dispatches"]
+__all__ = ["TokenPass", "lower_token_dispatch", "report_dispatches"]
 
 MIN_OPSET = 16  # ScatterND reduction="add"
 
 
-@dataclass(frozen=True)
-class DispatchReport:
-    """What the pass did with one gated residual Add, named by that node."""
-
-    node: str
-    lowered: bool
-    reason: str
-    mlp_nodes: int = 0
-
-
-def lower_token_dispatch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[DispatchReport]]:
+def lower_token_dispatch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[TokenRecord]]:
     """Lower every eligible token dispatch of `model`; returns the new model and one report per candidate.
 
     Precondition: an ONNX model as `torch.onnx.export(dynamo=True)` writes it. Guarantee: graph inputs and
     outputs (names, shapes, the dynamic batch dim) are unchanged and every output equals the input model's
     up to float summation order. `model` itself is not modified.
     """
-    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    graph = import_graph(model, infer_shapes=True)
     order = Order(graph)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model)
     reports = []
     for add in list(candidates(graph)):
         try:
@@ -56,18 +48,16 @@ def lower_token_dispatch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
             dispatch = match(add, order)
             emit_packed(graph, dispatch)
         except Ineligible as why:
-            reports.append(DispatchReport(add.name, False, str(why)))
+            reports.append(TokenRecord(add.name, False, str(why)))
             continue
-        reports.append(DispatchReport(add.name, True, "lowered (packed rows)", len(dispatch.mlp)))
+        reports.append(TokenRecord(add.name, True, "lowered (packed rows)", len(dispatch.mlp)))
     if not any(r.lowered for r in reports):
         return model, reports
     graph.cleanup().toposort()
-    lowered = gs.export_onnx(graph)
-    restore_metadata(lowered, model)
-    return lowered, reports
+    return export_graph(graph, like=model), reports
 
 
-def report_dispatches(reports: list[DispatchReport], progress: Callable[[str], None]) -> None:
+def report_dispatches(reports: list[TokenRecord], progress: Callable[[str], None]) -> None:
     """Progress for each lowered dispatch; a warning for each left as it is, since its MLP runs on every token."""
     for report in reports:
         if report.lowered:
@@ -75,3 +65,19 @@ def report_dispatches(reports: list[DispatchReport], progress: Callable[[str], N
         else:
             warnings.warn(f"token dispatch {report.node} is left dense: {report.reason}.", TokenLoweringWarning,
                           stacklevel=3)
+
+
+class TokenPass:
+    """DyT-style gated token MLPs run on the kept tokens of the whole batch only (portable form).
+
+    Keeps: stage inputs and outputs, the dynamic batch, outputs equal to the unlowered model's up to the GEMMs'
+    summation order on fewer rows.
+    """
+
+    name = "tokens"
+    forms = ("portable",)
+
+    def run(self, model: onnx.ModelProto, context: PassContext) -> tuple[onnx.ModelProto, list[TokenRecord]]:
+        lowered, records = lower_token_dispatch(model)
+        report_dispatches(records, context.progress)
+        return lowered, records

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from dync.exporter.passes.spatial.graph import producer
 from dync.exporter.passes.spatial.match import Ineligible, binary_decision, masked_operands, no_reading_fits
+from dync.graph import constant, producer
 
 __all__ = ["Dispatch", "Ineligible", "Order", "candidates", "match"]
 
@@ -237,14 +237,13 @@ def _per_channel(tensor: gs.Tensor, rank: int) -> bool:
 
 
 def _is_constant(tensor: gs.Tensor) -> bool:
-    return isinstance(tensor, gs.Constant) or producer(tensor, "Constant") is not None
+    return constant(tensor) is not None
 
 
 def _constant_shape(tensor: gs.Tensor) -> list[int]:
-    if isinstance(tensor, gs.Constant):
-        return list(tensor.shape)
-    node = producer(tensor, "Constant")
-    return list(node.attrs["value"].shape) if node is not None and "value" in node.attrs else [-1, -1, -1]
+    """The shape of a constant; three unknown dims (no row-wise broadcast) for anything else."""
+    value = constant(tensor)
+    return [-1, -1, -1] if value is None else list(value.shape)
 
 
 def _variables(tensors: Iterable[gs.Tensor]) -> list[gs.Tensor]:

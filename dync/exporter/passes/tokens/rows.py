@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from dync.exporter.passes.spatial.graph import Builder
 from dync.exporter.passes.tokens.match import LAST_AXIS, Dispatch
+from dync.graph import Builder
 
 
 def emit_packed(graph: gs.Graph, dispatch: Dispatch) -> None:

@@ -1,9 +1,9 @@
 """The TensorRT plugin of PerSampleConv2d, written against `tensorrt.plugin` (Quickly Deployable Plugins).
 
-Imported only by `per_sample_conv.register_tensorrt`, since importing it loads tensorrt and triton. There is
-deliberately no `from __future__ import annotations` here: `tensorrt.plugin` reads the annotations of the
-decorated functions as classes, so they must not be strings. List attributes arrive as 1-D numpy arrays,
-the only list form `tensorrt.plugin` accepts.
+The registry's `tensorrt` face of PerSampleConv2d is `register`; importing this module loads tensorrt and
+triton. There is deliberately no `from __future__ import annotations` here: `tensorrt.plugin` reads the
+annotations of the decorated functions as classes, so they must not be strings. List attributes arrive as
+1-D numpy arrays, the only list form `tensorrt.plugin` accepts.
 """
 
 import numpy as np
@@ -11,18 +11,20 @@ import numpy.typing as npt
 import tensorrt.plugin as trtp
 
 from dync.plugins._tensorrt import triton_dtype
-from dync.plugins.per_sample_conv import BLOCK_CO, BLOCK_P, compile_kernel, per_sample_conv2d_shape
+from dync.plugins.per_sample_conv import OP, shape
+from dync.plugins.per_sample_conv.kernels import BLOCK_CO, BLOCK_P, compile_kernel
 
 _registered: set[str] = set()
+
 
 def per_sample_conv2d_desc(
     x: trtp.TensorDesc, weight: trtp.TensorDesc, kernel_shape: npt.NDArray[np.int64], strides: npt.NDArray[np.int64],
     pads: npt.NDArray[np.int64], dilations: npt.NDArray[np.int64], group: int,
 ) -> trtp.TensorDesc:
     """Output [B, Cout, H', W'] in x's dtype, as shape expressions (B, H and W may be dynamic)."""
-    shape = per_sample_conv2d_shape(x.shape_expr, [*weight.shape_expr[:3], *kernel_shape], strides.tolist(),
-                                    pads[:2].tolist(), dilations.tolist())
-    return trtp.from_shape_expr(shape, dtype=x.dtype)
+    dims = shape(x.shape_expr, weight.shape_expr, kernel_shape=kernel_shape.tolist(), strides=strides.tolist(),
+                 pads=pads.tolist(), dilations=dilations.tolist(), group=group)
+    return trtp.from_shape_expr(dims, dtype=x.dtype)
 
 
 def per_sample_conv2d_aot(
@@ -31,7 +33,7 @@ def per_sample_conv2d_aot(
     tactic: int,
 ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
     """The Triton kernel compiled to PTX, on a (B*groups, Cout/groups blocks, pixel blocks) grid."""
-    kernel = compile_kernel(triton_dtype(x.dtype, "PerSampleConv2d"), kernel_shape.tolist(), strides.tolist(),
+    kernel = compile_kernel(triton_dtype(x.dtype, OP), kernel_shape.tolist(), strides.tolist(),
                             pads[:2].tolist(), dilations.tolist())
     dims, out = x.shape_expr, outputs[0].shape_expr
     cout_g = out[1] // group
@@ -46,8 +48,9 @@ def per_sample_conv2d_aot(
             trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars]))
 
 
-def register(plugin_id: str) -> None:
-    """Register the shape function and the AOT implementation under `plugin_id`, once per process."""
+def register() -> None:
+    """Register the shape function and the AOT implementation with `tensorrt.plugin`, once per process."""
+    plugin_id = OP.plugin_id
     if plugin_id in _registered:
         return
     trtp.register(plugin_id)(per_sample_conv2d_desc)

@@ -1,0 +1,289 @@
+"""The typed records a package's manifest holds, and their one JSON serialization.
+
+Every record is a frozen dataclass. `to_json` writes it as plain JSON values; `from_json` reads it back and
+checks every field against its annotation, so a corrupt or hand-edited manifest fails on load with the field
+that is wrong, not later inside a stage or a command.
+
+Pass records (`PASS_RECORDS`) are what an exporter pass did with each candidate it found; the manifest keeps
+them under the pass's name, and `dync inspect` prints them through `summary` and `detail`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+R = TypeVar("R")
+
+
+class RecordError(ValueError):
+    """A JSON value does not match a record's field; the message is the path to the field and what is wrong."""
+
+
+# --------------------------------------------------------------------------------------------- serialization
+
+
+def to_json(record: Any) -> Any:
+    """A record (or list, dict, tuple of them) as JSON-ready values: dataclasses as dicts, tuples as lists."""
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        return {f.name: to_json(getattr(record, f.name)) for f in dataclasses.fields(record)}
+    if isinstance(record, (list, tuple)):
+        return [to_json(v) for v in record]
+    if isinstance(record, dict):
+        return {k: to_json(v) for k, v in record.items()}
+    return record
+
+
+def from_json(cls: type[R], raw: Any, where: str = "") -> R:
+    """Build `cls` from `raw`, checking each field against its annotation; RecordError names the field."""
+    return _convert(cls, raw, where or cls.__name__)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(kind: Any, value: Any, where: str) -> Any:
+    if kind is Any:
+        return value
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return _union(args, value, where)
+    if dataclasses.is_dataclass(kind):
+        return _dataclass(kind, value, where)
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, list):
+            raise RecordError(f"{where} must be a list, not {_name(value)}")
+        items = [_convert(args[0] if args else Any, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise RecordError(f"{where} must be an object, not {_name(value)}")
+        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    return _scalar(kind, value, where)
+
+
+def _union(args: tuple, value: Any, where: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    problems = []
+    for option in (a for a in args if a is not type(None)):
+        try:
+            return _convert(option, value, where)
+        except RecordError as why:
+            problems.append(str(why))
+    raise RecordError(" or ".join(problems) if problems else f"{where} must be null")
+
+
+def _dataclass(cls: type, value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise RecordError(f"{where} must be an object, not {_name(value)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise RecordError(f"{where} has unknown fields {unknown}")
+    missing = [name for name, f in fields.items() if name not in value and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecordError(f"{where} lacks the fields {missing}")
+    hints = _hints(cls)
+    return cls(**{name: _convert(hints[name], v, f"{where}.{name}") for name, v in value.items()})
+
+
+def _scalar(kind: type, value: Any, where: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool):
+        raise RecordError(f"{where} must be an integer, not a boolean")
+    if not isinstance(value, kind):
+        raise RecordError(f"{where} must be {kind.__name__}, not {_name(value)}")
+    return value
+
+
+def _name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------- package records
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a package came from: the model file and the versions that wrote it."""
+
+    source: str | None
+    source_sha256: str | None
+    example_input_shape: list[int]
+    dync: str
+    torch: str
+    onnx: str
+    onnxruntime: str
+    opset: int
+    created: str
+
+
+@dataclass(frozen=True)
+class CustomOpRecord:
+    """A `dync::` op the stages use: its TensorRT plugin and what runs it where the plugin is missing."""
+
+    op: str
+    plugin: str
+    plugin_version: str
+    fallback: str
+
+
+@dataclass(frozen=True)
+class VerificationRecord:
+    """Worst errors against eager PyTorch per exit path and for the mixed (compacted) run."""
+
+    max_abs_error: list[float]
+    max_rel_error: list[float]
+    mixed_max_abs_error: float
+    mixed_exit_counts: list[int]
+    batch: int
+    rtol: float
+    atol: float
+    passed: bool
+    checked: str
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """How the stored thresholds were chosen, and what they are expected to cost and score."""
+
+    metric: str
+    budget: float
+    budget_ms: float | None
+    batch_size: int | None
+    q: float
+    expected_cost: float
+    expected_accuracy: float | None
+    exit_counts: list[int]
+    samples: int
+    min_cost: float
+    created: str
+
+
+# --------------------------------------------------------------------------------------------- pass records
+
+
+class PassRecord:
+    """What a pass did with one candidate. Subclasses are frozen dataclasses with a `node` field and say, for
+    `dync inspect`, what the pass does (`SUMMARY`, formatted with the applied and total counts) and what is
+    worth a line per record (`detail`)."""
+
+    SUMMARY: ClassVar[str] = "{applied} of {total} applied"
+    node: str
+
+    @property
+    def applied(self) -> bool:
+        raise NotImplementedError
+
+    def detail(self) -> str | None:
+        return None
+
+    @classmethod
+    def summary(cls, records: Sequence[PassRecord]) -> list[str]:
+        """The lines `dync inspect` prints for this pass's records (nothing when the pass found nothing)."""
+        if not records:
+            return []
+        head = cls.SUMMARY.format(applied=sum(r.applied for r in records), total=len(records))
+        return [head, *(f"  {r.node}: {line}" for r in records if (line := r.detail()) is not None)]
+
+
+@dataclass(frozen=True)
+class SpatialRecord(PassRecord):
+    """A masked bottleneck, named by its final Relu: lowered or why not, and the mask density above which the
+    lowered block runs dense (portable form)."""
+
+    SUMMARY: ClassVar[str] = "masked bottlenecks: {applied} of {total} lowered to gather-scatter"
+    node: str
+    lowered: bool
+    reason: str
+    crossover: float | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.lowered
+
+    def detail(self) -> str | None:
+        if not self.lowered:
+            return f"dense, {self.reason}"
+        if self.crossover is not None:
+            return f"runs dense when the batch's mask density is above {self.crossover:.0%}"
+        return None
+
+
+@dataclass(frozen=True)
+class TokenRecord(PassRecord):
+    """A gated token MLP (DyT-style dispatch), named by its residual Add: lowered or why not."""
+
+    SUMMARY: ClassVar[str] = "token dispatches: {applied} of {total} run their MLP on the kept tokens only"
+    node: str
+    lowered: bool
+    reason: str
+    mlp_nodes: int = 0
+
+    @property
+    def applied(self) -> bool:
+        return self.lowered
+
+    def detail(self) -> str | None:
+        return None if self.lowered else f"dense, {self.reason}"
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What an attention's speed depends on, per sample: Q [heads, queries, head_dim], K [heads, keys, head_dim],
+    V [heads, keys, value_dim], the bias's shape (None without one), and whether Q, K and V are head views
+    of [tokens, heads * dim] tensors, so that the fused node takes them in its 3-D form."""
+
+    heads: int
+    queries: int
+    keys: int
+    head_dim: int
+    value_dim: int
+    bias: tuple[int, ...] | None
+    merged_heads: bool = False
+
+
+@dataclass(frozen=True)
+class AttentionRecord(PassRecord):
+    """A softmax attention, named by its Softmax node: whether it runs as one ONNX `Attention` node, its shape,
+    the measured time of the fused form over the unfused one (None where nothing was timed), and why a match
+    was left unfused when that was not the measurement."""
+
+    SUMMARY: ClassVar[str] = ("softmax attentions: {applied} of {total} fused into ONNX Attention "
+                              "(where measured faster)")
+    node: str
+    fused: bool
+    shape: AttentionShape | None
+    fused_over_unfused: float | None = None
+    reason: str = ""
+
+    @property
+    def applied(self) -> bool:
+        return self.fused
+
+    def detail(self) -> str | None:
+        if self.reason:
+            timing = self.reason
+        elif self.fused_over_unfused is None:
+            timing = "shape not static, fused untimed"
+        else:
+            timing = f"fused form {self.fused_over_unfused:.2f}x the unfused time"
+        return f"{'fused' if self.fused else 'unfused'}, {timing}"
+
+
+PASS_RECORDS: dict[str, type[PassRecord]] = {
+    "spatial": SpatialRecord,
+    "tokens": TokenRecord,
+    "attention": AttentionRecord,
+}
+"""Each exporter pass's name (its manifest key and `--no-pass` name) and the record type it writes."""

@@ -94,14 +94,17 @@ def main() -> None:
 @click.option("--exits", callback=_parse_exits, help="Forward outputs to use as exits, in compute order, e.g. 0,2,4.")
 @click.option("--name", help="Package name (default: the output directory's name).")
 @click.option("--lower-spatial/--no-lower-spatial", default=True, show_default=True,
-              help="Run masked bottlenecks as gather-scatter and gated token MLPs on kept tokens only, exact "
-                   "against eager.")
+              help="Run masked bottlenecks as gather-scatter, exact against eager (--no-lower-spatial is "
+                   "--no-pass spatial).")
 @click.option("--ops", type=click.Choice(["portable", "plugins"]), default="portable", show_default=True,
               help="portable: standard ONNX (onnxruntime); plugins: dync:: nodes for TensorRT's plugins.")
 @click.option("--spatial-crossover", callback=_parse_crossover, default="auto", show_default=True,
               help="Mask density above which a lowered block runs dense: 'auto' measures it per block here.")
+@click.option("--no-pass", "skip_passes", multiple=True, metavar="NAME",
+              help="Skip an exporter pass (spatial, tokens, attention); repeat for several.")
 def export(model: Path, output: Path, input_shape: list[int] | None, exits: list[int] | None,
-           name: str | None, lower_spatial: bool, ops: str, spatial_crossover: float | None) -> None:
+           name: str | None, lower_spatial: bool, ops: str, spatial_crossover: float | None,
+           skip_passes: tuple[str, ...]) -> None:
     """Export MODEL (torch.save'd module, TorchScript or .pt2) to a .dync package.
 
     Loading a pickled module runs code from the file: only export models you trust.
@@ -112,7 +115,7 @@ def export(model: Path, output: Path, input_shape: list[int] | None, exits: list
     with warnings.catch_warnings():
         warnings.showwarning = _echo_warning
         run_export(model, output, input_shape or DEFAULT_INPUT_SHAPE, exits=exits, name=name, progress=_progress,
-                   lower_spatial=lower_spatial, ops=ops, spatial_crossover=spatial_crossover)
+                   lower_spatial=lower_spatial, ops=ops, spatial_crossover=spatial_crossover, skip_passes=skip_passes)
     _print_summary(output)
 
 
@@ -136,18 +139,21 @@ def _print_summary(package: Path) -> None:
 def inspect(package: Path, as_json: bool, target: str | None) -> None:
     """Show a package's stages, exits, costs and thresholds (and, with --target, what the target cannot run)."""
     from dync.describe import describe, format_description
+    from dync.package import load_manifest
 
-    description = describe(package)
+    manifest = load_manifest(package)
     report = None
     if target is not None:
         from dync.lint import format_lint, lint_package
 
         report = lint_package(package, target=target)
-        description["lint"] = report.to_json()
     if as_json:
+        description = describe(manifest)
+        if report is not None:
+            description["lint"] = report.to_json()
         click.echo(json.dumps(description, indent=2))
     else:
-        click.echo(format_description(description))
+        click.echo(format_description(manifest))
         if report is not None:
             click.echo("\n" + format_lint(report))
     if report is not None and not report.ok:

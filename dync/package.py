@@ -149,7 +149,8 @@ def _manifest_from_json(raw: Any, path: Path) -> Manifest:
                   for name, kind in PASS_RECORDS.items()}
         manifest = from_json(Manifest, raw, "manifest")
     except RecordError as exc:
-        raise PackageError(f"{path}: {exc}; re-export the package with `dync export`.") from exc
+        raise PackageError(f"{path} is missing or has a malformed field ({exc}); re-export the package with "
+                           "`dync export`.") from exc
     manifest.passes = {name: records for name, records in passes.items() if records}
     return manifest
 

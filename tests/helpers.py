@@ -220,3 +220,34 @@ def recording(engine: Engine) -> Iterator[RecordingBackend]:
         yield recorder
     finally:
         engine.backend = recorder.inner
+
+
+# --------------------------------------------------------------------------- #
+# Plugin ops
+# --------------------------------------------------------------------------- #
+
+
+def plugin_model(op: str, inputs: dict[str, np.ndarray], rank_out: int, opset: int = 18,
+                 **attrs: Any) -> onnx.ModelProto:
+    """A model of one `dync::op` node (emitted through the registry) reading `inputs` (dynamic shapes, their
+    dtypes) and writing `out`; runtimes run it through `dync.plugins.splice`."""
+    import onnx_graphsurgeon as gs
+
+    from dync.graph import Builder
+    from dync.plugins import registry
+
+    graph_inputs = [gs.Variable(name, dtype=value.dtype, shape=[None] * value.ndim) for name, value in inputs.items()]
+    out = gs.Variable("out", dtype=np.float32, shape=[None] * rank_out)
+    nodes: list[gs.Node] = []
+    registry().get(op).emit(Builder(nodes, ""), graph_inputs, out, name=op, **attrs)
+    graph = gs.Graph(nodes=nodes, inputs=graph_inputs, outputs=[out], opset=opset)
+    return gs.export_onnx(graph)
+
+
+def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Check `model` fully, run it in onnxruntime, return its one output."""
+    import onnxruntime as ort
+
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]

@@ -123,8 +123,8 @@ def test_verify_passes_and_is_recorded(cli_export: CliExport, tmp_path: Path) ->
     for k in range(3):
         assert f"dync: exit {k}: max abs error" in result.stderr
     record = dync.load(package).manifest.verification
-    assert record is not None and record["passed"] is True and record["batch"] == 12
-    assert sum(record["mixed_exit_counts"]) == 12
+    assert record is not None and record.passed is True and record.batch == 12
+    assert sum(record.mixed_exit_counts) == 12
     assert "verification: passed" in invoke(["inspect", package]).stdout
 
 
@@ -133,7 +133,7 @@ def test_verify_with_an_input_file(cli_export: CliExport, tmp_path: Path) -> Non
     _save_input(tmp_path / "x.npy", 9, seed=3)
     result = invoke(["verify", package, "--model", cli_export.model_path, "--input", tmp_path / "x.npy"])
     assert result.exit_code == 0, result.output
-    assert dync.load(package).manifest.verification["batch"] == 9
+    assert dync.load(package).manifest.verification.batch == 9
 
 
 def _scale_largest_weight(stage_file: Path, factor: float) -> None:
@@ -150,8 +150,8 @@ def test_verify_fails_on_corrupted_weights(cli_export: CliExport, tmp_path: Path
     result = invoke(["verify", package, "--model", cli_export.model_path])
     _assert_clean_failure(result, "disagrees with eager PyTorch", "exit 1")
     record = dync.load(package).manifest.verification
-    assert record is not None and record["passed"] is False
-    assert record["max_abs_error"][0] < 1e-4 < record["max_abs_error"][1]
+    assert record is not None and record.passed is False
+    assert record.max_abs_error[0] < 1e-4 < record.max_abs_error[1]
     assert "verification: FAILED" in invoke(["inspect", package]).stdout
 
 

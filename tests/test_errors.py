@@ -162,7 +162,7 @@ def test_data_dependent_forward_says_to_return_all_exits(tmp_path: Path) -> None
     with pytest.raises(CaptureError) as info:
         dync.export(model_path, tmp_path / "dd.dync", input_shape=(4, 3, 16, 16))
     message = str(info.value)
-    for word in ("branches on a tensor's value", "return every exit's output", "zoo.py"):
+    for word in ("branches on a tensor's value", "return every exit's output", "multi_exit.py"):
         assert word in message
     assert not (tmp_path / "dd.dync").exists()
 
@@ -292,6 +292,10 @@ def _bad_macs(raw: dict[str, Any]) -> None:
     raw["stages"][1]["exit"]["cumulative_macs"] = 0
 
 
+def _malformed_pass_record(raw: dict[str, Any]) -> None:
+    raw["spatial"] = [{"node": "relu_3", "lowered": "yes", "reason": "lowered (portable)", "crossover": 0.5}]
+
+
 CORRUPTIONS: list[tuple[str, Callable[[Path], None], list[str]]] = [
     ("missing_manifest", lambda p: (p / MANIFEST_FILE).unlink(), ["has no manifest.json"]),
     ("invalid_json", lambda p: (p / MANIFEST_FILE).write_text("{not json"), ["is not valid JSON"]),
@@ -306,6 +310,12 @@ CORRUPTIONS: list[tuple[str, Callable[[Path], None], list[str]]] = [
     ("reads_unknown_state", _edit_manifest(_read_from_nowhere), ["stage 'stage2' reads ['ghost']"]),
     ("writes_undeclared_state", _edit_manifest(_undeclared_write), ["undeclared state ['ghost']"]),
     ("inconsistent_macs", _edit_manifest(_bad_macs), ["stage 'stage1'", "MAC counts"]),
+    ("macs_not_an_int", _edit_manifest(lambda r: r["stages"][0]["exit"].update(macs="many")),
+     ["malformed field", "manifest.stages[0].exit.macs must be int, not str"]),
+    ("unknown_field", _edit_manifest(lambda r: r["provenance"].update(colour="red")),
+     ["malformed field", "manifest.provenance has unknown fields ['colour']"]),
+    ("malformed_pass_record", _edit_manifest(_malformed_pass_record),
+     ["malformed field", "spatial[0].lowered must be bool, not str"]),
 ]
 
 

@@ -1,7 +1,8 @@
-"""The TensorRT lint: op support, types, opset, restriction rules, and a real package end to end."""
+"""The TensorRT lint: op support, types, opset, restriction rules, dync plugin ops, and a real package end to end."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -14,12 +15,14 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx.shape_inference import InferenceError
 
 import dync
 from dync.errors import DyncError, LintError, PackageError
 from dync.lint import (
     CHECK_BY_HAND,
     CUSTOM_OP,
+    DYNC_PLUGIN,
     ERROR,
     NOTE,
     OPSET,
@@ -36,6 +39,7 @@ from dync.lint import (
     load_operator_facts,
 )
 from dync.package import load_manifest
+from dync.plugins.registry import Face, OpRecord, OpRegistry
 from zoo.multi_exit import SingleExitNet
 
 F32, I64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
@@ -44,6 +48,39 @@ F32, I64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 @pytest.fixture(scope="module")
 def facts():
     return load_operator_facts()
+
+
+# --------------------------------------------------------------------------- #
+# A private plugin-op registry, so that no test depends on dync's real op families
+# --------------------------------------------------------------------------- #
+
+
+def _relu(builder: Any, inputs: list[Any], outputs: list[Any], **attrs: Any) -> None:
+    builder.op("Relu", "relu", [inputs[0]], out=outputs[0])
+
+
+def _scatter_add(builder: Any, inputs: list[Any], outputs: list[Any], **attrs: Any) -> None:
+    """Adds updates (input 1) into element 0 of the data (input 0): ScatterND with a reduction TensorRT lacks."""
+    indices = builder.const("indices", [[0]])
+    builder.op("ScatterND", "scatter", [inputs[0], indices, inputs[1]], out=outputs[0], reduction="add")
+
+
+def _no_macs(*shapes: Any, **attrs: Any) -> int:
+    return 0
+
+
+PRIVATE_OPS = OpRegistry([
+    OpRecord(name="TrtRelu", decompose=_relu, macs=_no_macs, tensorrt=Face("tests.no_such_module", "register")),
+    OpRecord(name="PortableRelu", decompose=_relu, macs=_no_macs),
+    OpRecord(name="PortableScatterAdd", decompose=_scatter_add, macs=_no_macs),
+])
+
+
+@pytest.fixture(autouse=True)
+def private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`registry()` gives PRIVATE_OPS wherever the lint and the splicing look it up."""
+    for module in ("dync.plugins.registry", "dync.plugins.splice", "dync.lint.custom_ops"):
+        monkeypatch.setattr(importlib.import_module(module), "registry", lambda: PRIVATE_OPS)
 
 
 # --------------------------------------------------------------------------- #
@@ -59,6 +96,8 @@ class Graph:
     inputs: dict[str, tuple[int, Sequence[int | str]]]
     initializers: dict[str, np.ndarray] = field(default_factory=dict)
     opset: int = 20
+    output_types: dict[str, int] = field(default_factory=dict)
+    """Element types declared for graph outputs (splicing in a decomposition needs them)."""
 
     def model(self) -> onnx.ModelProto:
         produced = {o for n in self.nodes for o in n.output if o}
@@ -68,7 +107,8 @@ class Graph:
             self.nodes,
             "g",
             [helper.make_tensor_value_info(name, t, list(shape)) for name, (t, shape) in self.inputs.items()],
-            [helper.make_empty_tensor_value_info(name) for name in outputs],
+            [helper.make_tensor_value_info(name, self.output_types[name], None) if name in self.output_types
+             else helper.make_empty_tensor_value_info(name) for name in outputs],
             initializer=[numpy_helper.from_array(np.asarray(v), name) for name, v in self.initializers.items()],
         )
         domains = {n.domain for n in self.nodes} - {""}
@@ -198,6 +238,56 @@ def test_nodes_inside_subgraphs_are_linted(facts) -> None:
     graph = Graph([node("If", ["c"], then_branch=branch, else_branch=other)], {"c": (BOOL, []), "x": (F32, [4])})
     found = [f for f in lint_model(graph.model(), facts) if f.code == UNSUPPORTED_OP]
     assert [(f.node, f.op) for f in found] == [("n_If/then_branch/inner", "Unique")]
+
+
+def test_model_that_shape_inference_rejects_is_linted_as_is(facts) -> None:
+    model = Graph([helper.make_node("Foo", ["x"], ["y"], name="foo", domain="acme")], image()).model()
+    del model.opset_import[1:]  # no opset import for acme
+    with pytest.raises(InferenceError):
+        onnx.shape_inference.infer_shapes(model)
+    assert codes(lint_model(model, facts)) == [(ERROR, CUSTOM_OP)]
+
+
+# --------------------------------------------------------------------------- #
+# dync plugin ops: a TensorRT plugin, or the portable decomposition linted instead
+# --------------------------------------------------------------------------- #
+
+
+def _dync_node(op: str, inputs: Sequence[str], domain: str = "dync") -> onnx.NodeProto:
+    return helper.make_node(op, list(inputs), ["y"], name="p", domain=domain, plugin_version="1",
+                            plugin_namespace="dync")
+
+
+def test_dync_op_with_a_tensorrt_plugin_is_a_note(facts) -> None:
+    (finding,) = lint_model(Graph([_dync_node("TrtRelu", ["x"])], image()).model(), facts)
+    assert (finding.severity, finding.code, finding.node, finding.op) == (NOTE, DYNC_PLUGIN, "p", "dync::TrtRelu")
+    assert "plugin 'dync::TrtRelu' (version 1, namespace 'dync')" in finding.message
+    assert "TensorRT >= 10.9" in finding.message and "10.3" in finding.message
+    assert finding.message.endswith(".") and finding.message.count(";") == 1
+
+
+def test_dync_op_without_a_tensorrt_plugin_is_linted_through_its_decomposition(facts) -> None:
+    graph = Graph([_dync_node("PortableScatterAdd", ["x", "u"])], {"x": (F32, [4]), "u": (F32, [1])},
+                  output_types={"y": F32})
+    found = lint_model(graph.model(), facts)
+    assert [(f.severity, f.code, f.node, f.op) for f in found] == [(ERROR, RESTRICTION, "p/scatter", "ScatterND")]
+    assert "reduction='add'" in found[0].message
+
+
+def test_decomposition_into_supported_ops_is_clean(facts) -> None:
+    graph = Graph([_dync_node("PortableRelu", ["x"])], image(), output_types={"y": F32})
+    assert lint_model(graph.model(), facts) == []
+
+
+def test_decomposition_needs_typed_graph_outputs(facts) -> None:
+    with pytest.raises(LintError, match=r"stage 's0' cannot have its dync ops PortableRelu replaced .*element type"):
+        lint_model(Graph([_dync_node("PortableRelu", ["x"])], image()).model(), facts, stage="s0")
+
+
+@pytest.mark.parametrize("domain, op", [("dync", "NoSuchOp"), ("acme", "TrtRelu")])
+def test_unknown_dync_op_and_other_domains_are_errors(facts, domain: str, op: str) -> None:
+    (finding,) = lint_model(Graph([_dync_node(op, ["x"], domain)], image()).model(), facts)
+    assert (finding.severity, finding.code, finding.op) == (ERROR, CUSTOM_OP, f"{domain}::{op}")
 
 
 # --------------------------------------------------------------------------- #
@@ -420,6 +510,60 @@ def test_package_with_plugin_and_unsupported_ops(package: Path, tmp_path: Path) 
     assert table.index("| dync::GatherConv |") < table.index("| TopK |")
     assert table.index("| Compress |") < table.index("| TopK |")
     assert [f["code"] for f in report.to_json()["findings"]] == [CUSTOM_OP, UNSUPPORTED_OP, RESTRICTION]
+
+
+def test_package_with_dync_plugin_ops(package: Path, tmp_path: Path) -> None:
+    """A dync op with a TensorRT plugin is a note; one without is linted through its decomposition; neither is
+    listed as needing a plugin."""
+    copy = tmp_path / "m.dync"
+    shutil.copytree(package, copy)
+    stage = load_manifest(copy).stages[0]
+    model = onnx.load(copy / stage.onnx)
+    first = model.graph.input[0].name
+    model.graph.node.extend([
+        helper.make_node("TrtRelu", [first], ["trt_out"], name="trt", domain="dync"),
+        helper.make_node("PortableScatterAdd", ["sx", "su"], ["sa_out"], name="sa", domain="dync"),
+    ])
+    model.graph.input.extend([helper.make_tensor_value_info("sx", F32, [4]),
+                              helper.make_tensor_value_info("su", F32, [1])])
+    model.graph.output.extend([helper.make_tensor_value_info("trt_out", F32, None),
+                               helper.make_tensor_value_info("sa_out", F32, [4])])
+    model.opset_import.append(helper.make_opsetid("dync", 1))
+    onnx.save(model, copy / stage.onnx)
+    report = lint_package(copy)
+    assert report.counts == {ERROR: 1, NOTE: 1} and report.plugin_ops == []
+    assert [(f["code"], f["node"]) for f in report.to_json()["findings"]] == [(RESTRICTION, "sa/scatter"),
+                                                                            (DYNC_PLUGIN, "trt")]
+    assert "ops needing a plugin: none" in format_lint(report)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _short_external_data(path: Path) -> None:
+    onnx.save(onnx.load(path), path, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    (path.parent / "weights.bin").write_bytes(bytes(8))
+
+
+DAMAGE = {
+    "truncated": _truncate,
+    "random bytes": lambda path: path.write_bytes(np.random.default_rng(0).bytes(4096)),
+    "empty": lambda path: path.write_bytes(b""),
+    "short external data": _short_external_data,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_broken_stage_file_is_a_package_error(package: Path, tmp_path: Path, damage: Any) -> None:
+    copy = tmp_path / "m.dync"
+    shutil.copytree(package, copy)
+    stage = load_manifest(copy).stages[0]
+    damage(copy / stage.onnx)
+    with pytest.raises(PackageError, match=f"stage '{stage.name}'") as info:
+        lint_package(copy)
+    assert str(copy / stage.onnx) in str(info.value) and str(info.value).endswith("re-export the package.")
 
 
 def test_missing_package_is_a_package_error(tmp_path: Path) -> None:

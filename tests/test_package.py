@@ -125,7 +125,7 @@ def test_export_names_and_overwrites_a_package(tmp_path: Path) -> None:
     assert not (output / "stages" / "stage9.onnx").exists()
     engine = dync.load(output)
     assert engine.manifest.name == "renamed"
-    assert engine.manifest.provenance["source"] is None
+    assert engine.manifest.provenance.source is None
     assert any("captur" in m for m in messages) and any(str(output) in m for m in messages)
     x = random_input(TINY_SHAPE[1:], 4, seed=5)
     assert_close(engine.run(x).logits, eager_outputs(model, x)[-1])
@@ -139,6 +139,6 @@ def test_batch_one_example_exports_into_an_empty_directory(tmp_path: Path) -> No
     assert dync.export(model, output, input_shape=(1, *TINY_SHAPE[1:])) == output
     engine = dync.load(output)
     assert engine.manifest.name == "empty"
-    assert engine.manifest.provenance["example_input_shape"] == [1, *TINY_SHAPE[1:]]
+    assert engine.manifest.provenance.example_input_shape == [1, *TINY_SHAPE[1:]]
     x = random_input(TINY_SHAPE[1:], 6, seed=6)
     assert_close(engine.run(x).logits, eager_outputs(model, x)[-1])

@@ -30,7 +30,7 @@ def test_verification_is_recorded_in_the_manifest(msdnet: Exported, tmp_path: Pa
     package = copy_package(msdnet.package, tmp_path / "recorded.dync")
     record = verify(dync.load(package), msdnet.model, batch=6)
     stored = dync.load(package).manifest.verification
-    assert stored is not None and stored["passed"] is True
-    assert stored["max_abs_error"] == record.max_abs_error
-    assert stored["rtol"] == 1e-4 and stored["atol"] == 1e-5
-    assert sum(stored["mixed_exit_counts"]) == 6
+    assert stored is not None and stored.passed is True
+    assert stored.max_abs_error == record.max_abs_error
+    assert stored.rtol == 1e-4 and stored.atol == 1e-5
+    assert sum(stored.mixed_exit_counts) == 6

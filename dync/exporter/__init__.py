@@ -33,6 +33,7 @@ from dync.package import (
 )
 from dync.plugins.splice import custom_ops_used, decompose_custom_nodes
 from dync.records import PassRecord, Provenance
+from dync.version import __version__
 
 DEFAULT_INPUT_SHAPE = (16, 3, 32, 32)
 EXIT_CRITERION = "max_softmax"
@@ -168,8 +169,6 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _provenance(source: Path | None, input_shape: tuple[int, ...], model: onnx.ModelProto) -> Provenance:
-    from dync import __version__
-
     return Provenance(
         source=str(source) if source else None,
         source_sha256=hashlib.sha256(source.read_bytes()).hexdigest() if source else None,

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from dync.errors import PartitionError
 from dync.exporter.macs import node_macs
 from dync.exporter.probe import Probe
+from dync.graph import import_graph, producer
 from dync.package import BATCH_DIM
 
 
@@ -42,7 +43,7 @@ def partition(
     model: onnx.ModelProto, exit_names: list[str], probe: Probe, labels: Sequence[int] | None = None
 ) -> list[Stage]:
     """One stage per exit; `labels` are the exits' indices among the forward's outputs, for messages."""
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     _name_nodes(graph)
     _check_compute_order(graph, exit_names, list(labels) if labels is not None else list(range(len(exit_names))))
     owner = _assign_owners(graph, exit_names)
@@ -77,7 +78,7 @@ def _check_compute_order(graph: gs.Graph, exit_names: list[str], labels: list[in
     pay for the trunk of a later one."""
     position = {node.name: i for i, node in enumerate(graph.nodes)}
     tensors = graph.tensors()
-    produced_at = [position[_producer(tensors[name]).name] for name in exit_names]
+    produced_at = [position[producer(tensors[name]).name] for name in exit_names]
     order = sorted(range(len(exit_names)), key=produced_at.__getitem__)
     if order != list(range(len(exit_names))):
         suggested = ",".join(str(labels[k]) for k in order)
@@ -96,10 +97,6 @@ def _name_nodes(graph: gs.Graph) -> None:
         seen.add(node.name)
 
 
-def _producer(tensor: gs.Tensor) -> gs.Node | None:
-    return tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
-
-
 def _node_inputs(node: gs.Node) -> list[gs.Tensor]:
     """Inputs including tensors that control-flow subgraphs read from the enclosing scope."""
     inputs = list(node.inputs)
@@ -115,13 +112,13 @@ def _assign_owners(graph: gs.Graph, exit_names: list[str]) -> dict[str, int]:
     tensors = graph.tensors()
     owner: dict[str, int] = {}
     for k, exit_name in enumerate(exit_names):
-        stack = [_producer(tensors[exit_name])]
+        stack = [producer(tensors[exit_name])]
         while stack:
             node = stack.pop()
             if node is None or node.name in owner:
                 continue
             owner[node.name] = k
-            stack.extend(_producer(t) for t in _node_inputs(node))
+            stack.extend(producer(t) for t in _node_inputs(node))
     return owner
 
 
@@ -134,16 +131,16 @@ def _stage_members(
     pending = [t for n in members.values() for t in _node_inputs(n)]
     while pending:
         tensor = pending.pop()
-        producer = _producer(tensor)
+        made_by = producer(tensor)
         omitted_optional = not tensor.name
-        if omitted_optional or isinstance(tensor, gs.Constant) or (producer is not None and producer.name in members):
+        if omitted_optional or isinstance(tensor, gs.Constant) or (made_by is not None and made_by.name in members):
             continue
-        if producer is None or tensor.name in probe.batched:
+        if made_by is None or tensor.name in probe.batched:
             if tensor.name not in reads:
                 reads.append(tensor.name)
             continue
-        members[producer.name] = producer
-        pending.extend(_node_inputs(producer))
+        members[made_by.name] = made_by
+        pending.extend(_node_inputs(made_by))
     graph_order = {n.name: i for i, n in enumerate(graph.nodes)}
     return sorted(members.values(), key=lambda n: graph_order[n.name]), sorted(reads)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import tensorrt as trt
+import tensorrt.plugin as trtp
 
 from dync.errors import PluginError
 from dync.plugins.registry import DTYPES, OpRecord
@@ -15,3 +19,16 @@ def triton_dtype(dtype: trt.DataType, op: OpRecord) -> str:
             return DTYPES[name].triton
     raise PluginError(f"{op.name}'s TensorRT plugin takes {', '.join(op.dtypes)}, not {dtype}; cast the input to "
                       "one of those before the node.")
+
+
+_registered: set[str] = set()
+
+
+def register_once(op: OpRecord, describe: Callable[..., Any], aot: Callable[..., Any]) -> None:
+    """Register `op`'s shape function and AOT implementation with `tensorrt.plugin`, once per process (a
+    second registration of the same plugin id is an error there)."""
+    if op.plugin_id in _registered:
+        return
+    trtp.register(op.plugin_id)(describe)
+    trtp.aot_impl(op.plugin_id)(aot)
+    _registered.add(op.plugin_id)

@@ -16,6 +16,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dync.errors import PluginError
@@ -145,9 +146,7 @@ class OpRegistry:
     @classmethod
     def builtin(cls) -> OpRegistry:
         """The op families bundled with dync: every subpackage of `dync.plugins` with an `OPS` tuple."""
-        import dync.plugins
-
-        return cls([record for module in _op_modules(dync.plugins.__path__) for record in module.OPS])
+        return cls([record for module in _op_modules([str(Path(__file__).parent)]) for record in module.OPS])
 
     def add(self, record: OpRecord) -> None:
         """Add a record; a second, different record under the same name is an error, lookups must be unambiguous."""

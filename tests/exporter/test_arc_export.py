@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dync
 from dync.errors import CaptureError, SpatialLoweringWarning
 from dync.exporter import rewrites
-from dync.plugins import decompose_custom_nodes
+from dync.plugins.splice import decompose_custom_nodes
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 from tests.helpers import assert_close, eager_outputs
 from zoo import random_input
@@ -43,7 +43,7 @@ def test_arc_package_takes_any_batch_and_equals_eager(name: str, tmp_path: Path)
     model, engine = _export(name, tmp_path)
     _, shape = ARC_ZOO[name]
     assert engine.manifest.stages[0].ops.get("dync::PerSampleConv2d", 0) >= 1
-    assert [op["op"] for op in engine.manifest.custom_ops] == ["dync::PerSampleConv2d"]
+    assert [op.op for op in engine.manifest.custom_ops] == ["dync::PerSampleConv2d"]
     stage = onnx.load(tmp_path / f"{name}.dync" / engine.manifest.stages[0].onnx)
     portable = session_from_onnx(decompose_custom_nodes(stage), OrtSettings())
     for batch in (1, 3, 7):  # 7 was never seen at export (which runs at 2 and probes at 2 and 3)

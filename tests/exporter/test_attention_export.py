@@ -111,11 +111,11 @@ def test_export_fuses_attention_where_measured_faster(name: str, packages: dict)
     """The export runs the attention-fusion pass: one manifest record per softmax attention, as many Attention
     nodes as records say fused, and only the unfused ones left for another pass to find."""
     model, engine = packages[name]
-    records = engine.manifest.attention
-    assert records and all(r["fused_over_unfused"] > 0 and r["fused"] == (r["fused_over_unfused"] < 1.0)
+    records = engine.manifest.records("attention")
+    assert records and all(r.fused_over_unfused > 0 and r.fused == (r.fused_over_unfused < 1.0)
                            for r in records)
-    assert engine.manifest.stages[0].ops.get("Attention", 0) == sum(r["fused"] for r in records)
-    assert len(fuse_attention(_stage_model(engine))[1]) == sum(not r["fused"] for r in records)
+    assert engine.manifest.stages[0].ops.get("Attention", 0) == sum(r.fused for r in records)
+    assert len(fuse_attention(_stage_model(engine))[1]) == sum(not r.fused for r in records)
     for batch in (1, 3):
         x = random_input(ATTENTION_ZOO[name][1][1:], batch, seed=batch)
         assert_close(engine.run(x).logits, eager_outputs(model, x)[-1], what=f"{name} fused, batch {batch}")
@@ -124,7 +124,7 @@ def test_export_fuses_attention_where_measured_faster(name: str, packages: dict)
 def test_inspect_lists_each_softmax_attention_and_its_measurement(packages: dict) -> None:
     engine = packages["agent_swin"][1]
     text = format_description(engine.manifest)
-    records = engine.manifest.attention
-    assert f"softmax attentions: {sum(r['fused'] for r in records)} of {len(records)} fused" in text
+    records = engine.manifest.records("attention")
+    assert f"softmax attentions: {sum(r.fused for r in records)} of {len(records)} fused" in text
     for record in records:
-        assert f"{record['node']}: {'fused' if record['fused'] else 'unfused'}, fused form " in text
+        assert f"{record.node}: {'fused' if record.fused else 'unfused'}, fused form " in text

@@ -65,10 +65,10 @@ def test_pickled_module_loads_as_its_class(single_exit: Exported) -> None:
 
 def test_pickled_module_exports_with_provenance(single_exit: Exported) -> None:
     provenance = single_exit.engine.manifest.provenance
-    assert provenance["source"] == str(single_exit.model_path)
-    assert provenance["source_sha256"] == hashlib.sha256(single_exit.model_path.read_bytes()).hexdigest()
-    assert provenance["example_input_shape"] == list(single_exit.input_shape)
-    assert provenance["torch"] == torch.__version__
+    assert provenance.source == str(single_exit.model_path)
+    assert provenance.source_sha256 == hashlib.sha256(single_exit.model_path.read_bytes()).hexdigest()
+    assert provenance.example_input_shape == list(single_exit.input_shape)
+    assert provenance.torch == torch.__version__
     x = random_input(single_exit.sample_shape, 6, seed=2)
     assert_close(single_exit.engine.run(x).logits, eager_outputs(single_exit.model, x)[0])
 

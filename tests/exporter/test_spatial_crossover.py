@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dync.exporter.capture import capture
-from dync.exporter.passes import LoweringReport, lower_masked_bottlenecks
+from dync.exporter.passes.spatial import LoweringReport, lower_masked_bottlenecks
 from dync.exporter.passes.spatial.crossover import (
     CROSSOVER_INPUT,
     block_model,

@@ -29,9 +29,9 @@ import dync
 import dync.exporter
 from dync.errors import SpatialLoweringWarning
 from dync.exporter.capture import Captured, capture
-from dync.exporter.passes import SpatialLoweringError, lower_masked_bottlenecks
+from dync.exporter.passes.spatial import SpatialLoweringError, lower_masked_bottlenecks
 from dync.package import Manifest
-from dync.plugins import decompose_custom_nodes
+from dync.plugins.splice import decompose_custom_nodes
 from dync.verify import verify
 from tests.conftest import invoke
 from tests.helpers import assert_close, eager_outputs
@@ -443,7 +443,7 @@ def test_whole_model_errors(opset: int, ops: str, words: str) -> None:
 
 def test_export_portable_verifies(packages: CifarPackages) -> None:
     manifest = packages.verified("portable")
-    assert [(b["lowered"], b["crossover"]) for b in manifest.spatial] == [(True, 1.0)] * 6
+    assert [(b.lowered, b.crossover) for b in manifest.records("spatial")] == [(True, 1.0)] * 6
     assert manifest.custom_ops == []
     assert sum(s.ops.get("ScatterND", 0) for s in manifest.stages) == 6, "crossover 1.0: row forms inline"
     assert sum(s.ops.get("If", 0) for s in manifest.stages) == 0
@@ -453,17 +453,17 @@ def test_export_portable_verifies(packages: CifarPackages) -> None:
 
 def test_export_without_lowering_records_nothing(packages: CifarPackages) -> None:
     manifest = dync.load(packages.get("dense")).manifest
-    assert manifest.spatial == [] and manifest.custom_ops == []
+    assert manifest.records("spatial") == [] and manifest.custom_ops == []
     assert sum(s.ops.get("If", 0) for s in manifest.stages) == 0
 
 
 def test_export_plugins_verifies(packages: CifarPackages) -> None:
     """onnxruntime runs the package through the decomposition of its `dync::` nodes."""
     manifest = packages.verified("plugins")
-    assert {o["op"] for o in manifest.custom_ops} == PLUGIN_OPS
-    assert [b["lowered"] for b in manifest.spatial] == [k not in CIFAR_STRIDE2 for k in range(6)]
-    assert all(b["crossover"] is None for b in manifest.spatial)
-    dense = [b["node"] for b in manifest.spatial if not b["lowered"]]
+    assert {o.op for o in manifest.custom_ops} == PLUGIN_OPS
+    assert [b.lowered for b in manifest.records("spatial")] == [k not in CIFAR_STRIDE2 for k in range(6)]
+    assert all(b.crossover is None for b in manifest.records("spatial"))
+    dense = [b.node for b in manifest.records("spatial") if not b.lowered]
     assert [[node in w for node in dense] for w in packages.warnings["plugins"]] == [[True, False], [False, True]], \
         "one SpatialLoweringWarning per block left dense, naming it"
     assert sum(s.ops.get(op, 0) for s in manifest.stages for op in PLUGIN_OPS) == 8
@@ -473,11 +473,11 @@ def test_export_plugins_verifies(packages: CifarPackages) -> None:
 def test_default_export_measures_crossovers(packages: CifarPackages) -> None:
     """`spatial_crossover=None`: each block's measured density is recorded and written into its If's threshold."""
     manifest = packages.verified("measured")
-    assert len(manifest.spatial) == 6 and all(b["lowered"] for b in manifest.spatial)
-    assert all(0.0 <= b["crossover"] <= 1.0 for b in manifest.spatial), manifest.spatial
+    assert len(manifest.records("spatial")) == 6 and all(b.lowered for b in manifest.records("spatial"))
+    assert all(0.0 <= b.crossover <= 1.0 for b in manifest.records("spatial")), manifest.records("spatial")
     stage = onnx.load(packages.get("measured") / manifest.stages[0].onnx)
-    for block in manifest.spatial:
-        assert _initializer(stage.graph, f"{block['node']}/spatial/crossover") == np.float32(block["crossover"])
+    for block in manifest.records("spatial"):
+        assert _initializer(stage.graph, f"{block.node}/spatial/crossover") == np.float32(block.crossover)
     assert any("crossover" in m for m in packages.messages["measured"])
 
 
@@ -511,7 +511,7 @@ def test_multi_exit_export_verifies(tmp_path: Path, ops: str, lowered: list[bool
                               spatial_crossover=1.0)
     engine = dync.load(package)
     manifest = engine.manifest
-    assert [b["lowered"] for b in manifest.spatial] == lowered
+    assert [b.lowered for b in manifest.records("spatial")] == lowered
     assert sum(w.category is SpatialLoweringWarning for w in caught) == lowered.count(False)
     assert len(manifest.stages) == 2 and manifest.stages[1].reads != ["input"]
     if ops == "portable":

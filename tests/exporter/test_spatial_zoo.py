@@ -36,12 +36,12 @@ def test_spatial_zoo_package_equals_eager(name: str, crossover: float | None, tm
     force_masks(model, 0.4, per_sample=True)
     package = dync.export(model, tmp_path / f"{name}.dync", input_shape=shape, spatial_crossover=crossover)
     engine = dync.load(package)
-    records = engine.manifest.spatial
+    records = engine.manifest.records("spatial")
     if name in DENSE_BY_DESIGN:
-        assert not any(r["lowered"] for r in records), records
+        assert not any(r.lowered for r in records), records
     else:
-        assert records and all(r["lowered"] for r in records), records
-        assert all(0.0 <= r["crossover"] <= 1.0 for r in records)
+        assert records and all(r.lowered for r in records), records
+        assert all(0.0 <= r.crossover <= 1.0 for r in records)
     for batch in (1, 3):
         x = random_input(shape[1:], batch, seed=batch)
         result = engine.run(x)

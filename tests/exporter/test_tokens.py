@@ -27,7 +27,7 @@ import dync
 import dync.exporter
 from dync.errors import SpatialLoweringWarning
 from dync.exporter.capture import capture
-from dync.exporter.passes import lower_token_dispatch, report_dispatches
+from dync.exporter.passes.tokens import lower_token_dispatch, report_dispatches
 from dync.runtime.engine import Engine
 from dync.verify import verify
 from tests.helpers import assert_close, eager_outputs

@@ -11,12 +11,17 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-import dync.plugins as plugins
 from dync.errors import PluginError
-from dync.plugins import gather_scatter as gs
+from dync.plugins import gather_scatter as ops
+from dync.plugins import registry
+from dync.plugins.gather_scatter import kernels
+from dync.plugins.gather_scatter import reference as ref
+from dync.plugins.splice import decompose_custom_nodes
+from tests.helpers import plugin_model, run_onnx
 
 
 @dataclass(frozen=True)
@@ -107,18 +112,18 @@ cases = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 @cases
 def test_reference_matches_the_definition(case: Case):
     x, index, patches = _inputs(case)
-    gathered = plugins.get("GatherPatches").reference(x, index, case.patch, case.halo)
+    gathered = registry().get("GatherPatches").face("reference")(x, index, case.patch, case.halo)
     assert gathered.shape == (index.shape[0], case.c, case.patch + 2 * case.halo, case.patch + 2 * case.halo)
     torch.testing.assert_close(gathered, _naive_gather(x, index, case.patch, case.halo), rtol=0, atol=0)
-    scattered = plugins.get("ScatterAddPatches").reference(x, patches, index, case.patch)
+    scattered = registry().get("ScatterAddPatches").face("reference")(x, patches, index, case.patch)
     torch.testing.assert_close(scattered, _naive_scatter(x, patches, index, case.patch))
 
 
 @cases
 def test_gather_then_scatter_reproduces_x_on_the_chosen_blocks(case: Case):
     x, index, _ = _inputs(case)
-    gathered = gs.gather_patches(x, index, case.patch, 0)
-    restored = gs.scatter_add_patches(torch.zeros_like(x), gathered, index, case.patch)
+    gathered = ref.gather_patches(x, index, case.patch, 0)
+    restored = ref.scatter_add_patches(torch.zeros_like(x), gathered, index, case.patch)
     torch.testing.assert_close(restored, x * _block_mask(case, index), rtol=0, atol=0)
 
 
@@ -128,16 +133,16 @@ def test_masked_conv_by_gather_scatter_equals_dense_conv_on_the_blocks(case: Cas
     x, index, _ = _inputs(case)
     conv = torch.nn.Conv2d(case.c, 2, 3, padding=1, bias=False)
     dense = conv(x) * _block_mask(case, index)
-    sparse = torch.nn.functional.conv2d(gs.gather_patches(x, index, case.patch, 1), conv.weight)
-    out = gs.scatter_add_patches(torch.zeros_like(dense), sparse, index, case.patch)
+    sparse = torch.nn.functional.conv2d(ref.gather_patches(x, index, case.patch, 1), conv.weight)
+    out = ref.scatter_add_patches(torch.zeros_like(dense), sparse, index, case.patch)
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_index_is_a_plugin_error():
     with pytest.raises(PluginError, match=r"index \[M,3\]"):
-        gs.gather_patches_reference(torch.zeros(1, 1, 4, 4), torch.zeros(2, 2, dtype=torch.int64), 2, 0)
+        ref.gather_patches_reference(torch.zeros(1, 1, 4, 4), torch.zeros(2, 2, dtype=torch.int64), 2, 0)
     with pytest.raises(PluginError, match="int64 index"):
-        gs.gather_patches_reference(torch.zeros(1, 1, 4, 4), torch.zeros(2, 3, dtype=torch.int32), 2, 0)
+        ref.gather_patches_reference(torch.zeros(1, 1, 4, 4), torch.zeros(2, 3, dtype=torch.int32), 2, 0)
 
 
 # ------------------------------------------------------------------------------------------------ capture
@@ -165,55 +170,45 @@ def test_export_keeps_each_op_as_one_node():
 
 
 def test_emitted_nodes_are_custom_domain_with_plugin_attributes():
-    import onnx.helper
-
-    gather = plugins.get("GatherPatches").emit_onnx(["x", "index"], ["p"], patch=4, halo=1)
-    scatter = plugins.get("ScatterAddPatches").emit_onnx(["x", "p2", "index"], ["y"], patch=4, name="s0")
+    feeds = {"x": np.zeros((1, 1, 4, 4), np.float32), "index": np.zeros((1, 3), np.int64)}
+    gather = plugin_model("GatherPatches", feeds, 4, patch=4, halo=1).graph.node[0]
+    scatter = plugin_model("ScatterAddPatches", {"x": feeds["x"], "p2": feeds["x"], "index": feeds["index"]}, 4,
+                           patch=4).graph.node[0]
     for node, op_type in ((gather, "GatherPatches"), (scatter, "ScatterAddPatches")):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert (node.domain, node.op_type) == ("dync", op_type)
+        assert (node.domain, node.op_type, node.name) == ("dync", op_type, op_type)
         assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"dync"
         assert attrs["patch"] == 4
     assert {a.name: a.i for a in gather.attribute if a.name == "halo"} == {"halo": 1}
-    assert list(scatter.input) == ["x", "p2", "index"] and scatter.name == "s0"
+    assert list(scatter.input) == ["x", "p2", "index"]
 
 
-def _run_onnx(nodes: list, inputs: dict[str, np.ndarray], rank_out: int = 4) -> np.ndarray:
-    """Run a node list as a model with dynamic-shaped inputs in onnxruntime; return its one output."""
-    import onnx
-    import onnx.helper as oh
-    import onnxruntime as ort
-
-    types = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.int64): onnx.TensorProto.INT64}
-    graph_inputs = [oh.make_tensor_value_info(k, types[v.dtype], [None] * v.ndim) for k, v in inputs.items()]
-    out = oh.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [None] * rank_out)
-    model = oh.make_model(oh.make_graph(nodes, "g", graph_inputs, [out]), opset_imports=[oh.make_opsetid("", gs.OPSET)])
-    onnx.checker.check_model(model, full_check=True)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)[0]
+def _decomposed(op: str, feeds: dict[str, np.ndarray], **attrs: int) -> np.ndarray:
+    """The op's portable decomposition, spliced in by the runtime's path, run in onnxruntime."""
+    return run_onnx(decompose_custom_nodes(plugin_model(op, feeds, 4, opset=ops.OPSET, **attrs)), feeds)
 
 
 @cases
 def test_onnx_decomposition_matches_reference_in_onnxruntime(case: Case):
     x, index, patches = _inputs(case)
     feeds = {"x": x.numpy(), "index": index.numpy()}
-    nodes = plugins.get("GatherPatches").decompose_onnx(["x", "index"], ["out"], patch=case.patch, halo=case.halo)
-    expected = gs.gather_patches(x, index, case.patch, case.halo).numpy()
-    np.testing.assert_array_equal(_run_onnx(nodes, feeds), expected)
+    expected = ref.gather_patches(x, index, case.patch, case.halo).numpy()
+    np.testing.assert_array_equal(_decomposed("GatherPatches", feeds, patch=case.patch, halo=case.halo), expected)
 
-    nodes = plugins.get("ScatterAddPatches").decompose_onnx(["x", "patches", "index"], ["out"], patch=case.patch)
-    expected = gs.scatter_add_patches(x, patches, index, case.patch).numpy()
-    np.testing.assert_allclose(_run_onnx(nodes, {**feeds, "patches": patches.numpy()}), expected, rtol=0, atol=1e-6)
+    expected = ref.scatter_add_patches(x, patches, index, case.patch).numpy()
+    feeds = {"x": x.numpy(), "patches": patches.numpy(), "index": index.numpy()}
+    np.testing.assert_allclose(_decomposed("ScatterAddPatches", feeds, patch=case.patch), expected, rtol=0, atol=1e-6)
 
 
 def test_one_onnx_decomposition_serves_every_shape():
     """The nodes depend only on patch and halo, so one graph handles any N, H, W and M (dynamic axes)."""
-    nodes = gs.decompose_gather_patches(["x", "index"], ["out"], patch=4, halo=1)
+    shapes = {"x": np.zeros((1, 1, 1, 1), np.float32), "index": np.zeros((1, 3), np.int64)}
+    model = decompose_custom_nodes(plugin_model("GatherPatches", shapes, 4, opset=ops.OPSET, patch=4, halo=1))
     for case in (CASES[0], CASES[2], CASES[5]):
         if case.patch == 4:
             x, index, _ = _inputs(case)
-            got = _run_onnx(nodes, {"x": x.numpy(), "index": index.numpy()})
-            np.testing.assert_array_equal(got, gs.gather_patches(x, index, 4, 1).numpy())
+            got = run_onnx(model, {"x": x.numpy(), "index": index.numpy()})
+            np.testing.assert_array_equal(got, ref.gather_patches(x, index, 4, 1).numpy())
 
 
 # ------------------------------------------------------------------------------------------------ Triton
@@ -234,11 +229,11 @@ def _device() -> str:
 @cases
 def test_triton_kernels_match_reference(case: Case):
     x, index, patches = (t.to(_device()) for t in _inputs(case))
-    got = plugins.get("GatherPatches").triton(x, index, case.patch, case.halo)
-    expected = gs.gather_patches(x.cpu(), index.cpu(), case.patch, case.halo)
+    got = registry().get("GatherPatches").face("triton")(x, index, case.patch, case.halo)
+    expected = ref.gather_patches(x.cpu(), index.cpu(), case.patch, case.halo)
     torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
-    got = plugins.get("ScatterAddPatches").triton(x, patches, index, case.patch)
-    expected = gs.scatter_add_patches(x.cpu(), patches.cpu(), index.cpu(), case.patch)
+    got = registry().get("ScatterAddPatches").face("triton")(x, patches, index, case.patch)
+    expected = ref.scatter_add_patches(x.cpu(), patches.cpu(), index.cpu(), case.patch)
     torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=1e-6)
 
 
@@ -248,7 +243,7 @@ def test_gather_kernel_compiles_ahead_of_time_to_ptx_with_the_aot_argument_order
     """What `@trtp.aot_impl` returns is built here; compiling for sm_90 needs no GPU."""
     from triton.backends.compiler import GPUTarget
 
-    kernel = gs.compile_gather_kernel("fp16", 4, 1, target=GPUTarget("cuda", 90, 32))
+    kernel = kernels.compile_gather_kernel("fp16", 4, 1, target=GPUTarget("cuda", 90, 32))
     params = [line.split()[1:3] for line in kernel.asm["ptx"].splitlines() if ".param" in line][:8]
     assert kernel.metadata.name == "gather_patches_kernel"
     assert [p[0] for p in params] == [".u64"] * 2 + [".u32"] * 5 + [".u64"]
@@ -256,19 +251,19 @@ def test_gather_kernel_compiles_ahead_of_time_to_ptx_with_the_aot_argument_order
 
 @pytest.mark.parametrize(("side", "block"), [(1, 1), (2, 4), (4, 16), (6, 64), (16, 256)])
 def test_triton_tile_holds_the_patch(side: int, block: int):
-    assert gs._block_p(side) == block
+    assert kernels._block_p(side) == block
 
 
 # ------------------------------------------------------------------------------------------------ TensorRT
 
 
 def test_tensorrt_shape_function_on_ints():
-    assert gs.gather_patches_shape((2, 8, 15, 15), (5, 3), 4, 1) == (5, 8, 6, 6)
-    assert gs.gather_patches_shape((1, 3, 7, 7), (0, 3), 2, 0) == (0, 3, 2, 2)
+    assert ops.gather_patches_shape((2, 8, 15, 15), (5, 3), patch=4, halo=1) == (5, 8, 6, 6)
+    assert ops.gather_patches_shape((1, 3, 7, 7), (0, 3), patch=2, halo=0) == (0, 3, 2, 2)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="tensorrt is not installed")
 def test_tensorrt_registration_is_idempotent():
     pytest.importorskip("tensorrt.plugin", reason="tensorrt.plugin needs TensorRT >= 10.7")
-    plugins.get("GatherPatches").tensorrt()
-    plugins.get("GatherPatches").tensorrt()
+    registry().get("GatherPatches").face("tensorrt")()
+    registry().get("GatherPatches").face("tensorrt")()

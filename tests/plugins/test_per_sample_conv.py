@@ -14,13 +14,17 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 
-import dync.plugins as plugins
 from dync.errors import PluginError
 from dync.plugins import per_sample_conv as psc
+from dync.plugins import registry
+from dync.plugins.per_sample_conv import reference as ref
+from dync.plugins.splice import decompose_custom_nodes, specialize_custom_nodes
+from tests.helpers import plugin_model, run_onnx
 
 
 @dataclass(frozen=True)
@@ -83,20 +87,20 @@ def _onnx_attrs(case: Case) -> dict:
 @cases
 def test_reference_matches_a_conv_per_sample(case: Case):
     x, weight = _inputs(case)
-    got = plugins.get("PerSampleConv2d").reference(x, weight, *case.attrs)
+    got = registry().get("PerSampleConv2d").face("reference")(x, weight, *case.attrs)
     torch.testing.assert_close(got, _per_sample_loop(x, weight, case), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_shapes_are_plugin_errors():
     x = torch.zeros(2, 4, 5, 5)
     with pytest.raises(PluginError, match="one batch"):
-        psc.per_sample_conv2d_reference(x, torch.zeros(3, 2, 4, 3, 3), [1, 1], [1, 1], [1, 1], 1)
+        ref.per_sample_conv2d_reference(x, torch.zeros(3, 2, 4, 3, 3), [1, 1], [1, 1], [1, 1], 1)
     with pytest.raises(PluginError, match="groups=2"):
-        psc.per_sample_conv2d_reference(x, torch.zeros(2, 2, 4, 3, 3), [1, 1], [1, 1], [1, 1], 2)
+        ref.per_sample_conv2d_reference(x, torch.zeros(2, 2, 4, 3, 3), [1, 1], [1, 1], [1, 1], 2)
 
 
 def test_empty_batch_gives_an_empty_output():
-    out = psc.per_sample_conv2d(torch.zeros(0, 2, 5, 5), torch.zeros(0, 3, 2, 3, 3), [2, 2], [1, 1], [1, 1], 1)
+    out = ref.per_sample_conv2d(torch.zeros(0, 2, 5, 5), torch.zeros(0, 3, 2, 3, 3), [2, 2], [1, 1], [1, 1], 1)
     assert out.shape == (0, 3, 3, 3)
 
 
@@ -118,53 +122,36 @@ def test_export_keeps_the_op_as_one_node_with_a_symbolic_batch():
 # ------------------------------------------------------------------------------------------------ ONNX
 
 
-def test_emitted_node_is_custom_domain_with_plugin_attributes():
-    import onnx.helper
+def _model(case: Case) -> onnx.ModelProto:
+    """One `dync::PerSampleConv2d` node with dynamic-shaped inputs x, w and output out."""
+    x, weight = _inputs(case)
+    return plugin_model("PerSampleConv2d", {"x": x.numpy(), "w": weight.numpy()}, 4, opset=psc.OPSET,
+                        **_onnx_attrs(case))
 
-    node = plugins.get("PerSampleConv2d").emit_onnx(["x", "w"], ["y"], **_onnx_attrs(CASES[5]), name="c0")
+
+def test_emitted_node_is_custom_domain_with_plugin_attributes():
+    node = _model(CASES[5]).graph.node[0]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    assert (node.domain, node.op_type, node.name) == ("dync", "PerSampleConv2d", "c0")
+    assert (node.domain, node.op_type, node.name) == ("dync", "PerSampleConv2d", "PerSampleConv2d")
     assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"dync"
     assert attrs["kernel_shape"] == [3, 3] and attrs["pads"] == [1, 1, 1, 1] and attrs["group"] == 2
-
-
-def _session(nodes: list):
-    """A model with dynamic-shaped inputs x, w and output out, in onnxruntime."""
-    import onnx
-    import onnx.helper as oh
-    import onnxruntime as ort
-
-    inputs = [oh.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [None] * r) for n, r in (("x", 4), ("w", 5))]
-    out = oh.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [None] * 4)
-    model = oh.make_model(oh.make_graph(nodes, "g", inputs, [out]), opset_imports=[oh.make_opsetid("", psc.OPSET)])
-    onnx.checker.check_model(model, full_check=True)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 @cases
 def test_onnx_decomposition_matches_reference_at_every_batch(case: Case):
     """One graph, built from attributes only, serves batches 1, the case's and 4."""
-    session = _session(plugins.get("PerSampleConv2d").decompose_onnx(["x", "w"], ["out"], **_onnx_attrs(case)))
+    portable = decompose_custom_nodes(_model(case))
     for batch in sorted({1, case.b, 4}):
         x, weight = _inputs(case, batch)
-        got = session.run(None, {"x": x.numpy(), "w": weight.numpy()})[0]
-        np.testing.assert_allclose(got, psc.per_sample_conv2d(x, weight, *case.attrs).numpy(), rtol=1e-4, atol=1e-4)
+        got = run_onnx(portable, {"x": x.numpy(), "w": weight.numpy()})
+        np.testing.assert_allclose(got, ref.per_sample_conv2d(x, weight, *case.attrs).numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_custom_node_runs_through_the_registry_decomposition():
-    import onnx.helper as oh
-
-    case = CASES[5]
+@cases
+def test_fast_cpu_path_matches_reference_at_its_batch(case: Case):
     x, weight = _inputs(case)
-    model = oh.make_model(oh.make_graph(
-        [psc.emit_per_sample_conv2d(["x", "w"], ["out"], **_onnx_attrs(case))], "g",
-        [oh.make_tensor_value_info("x", 1, [None] * 4), oh.make_tensor_value_info("w", 1, [None] * 5)],
-        [oh.make_tensor_value_info("out", 1, [None] * 4)]),
-        opset_imports=[oh.make_opsetid("", psc.OPSET), oh.make_opsetid("dync", 1)])
-    portable = plugins.decompose_custom_nodes(model)
-    session = _session(list(portable.graph.node))
-    got = session.run(None, {"x": x.numpy(), "w": weight.numpy()})[0]
-    np.testing.assert_allclose(got, psc.per_sample_conv2d(x, weight, *case.attrs).numpy(), rtol=1e-4, atol=1e-4)
+    got = run_onnx(specialize_custom_nodes(_model(case), case.b), {"x": x.numpy(), "w": weight.numpy()})
+    np.testing.assert_allclose(got, ref.per_sample_conv2d(x, weight, *case.attrs).numpy(), rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ Triton
@@ -182,15 +169,15 @@ triton_only = pytest.mark.skipif(
 def test_triton_kernel_matches_reference(case: Case):
     device = "cpu" if _INTERPRET else "cuda"
     x, weight = (t.to(device) for t in _inputs(case))
-    got = plugins.get("PerSampleConv2d").triton(x, weight, *case.attrs)
-    expected = psc.per_sample_conv2d(x.cpu(), weight.cpu(), *case.attrs)
+    got = registry().get("PerSampleConv2d").face("triton")(x, weight, *case.attrs)
+    expected = ref.per_sample_conv2d(x.cpu(), weight.cpu(), *case.attrs)
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 AOT_SCRIPT = """
 from triton.backends.compiler import GPUTarget
-from dync.plugins import per_sample_conv as psc
-kernel = psc.compile_kernel("fp16", [3, 3], [2, 2], [1, 1], [1, 1], target=GPUTarget("cuda", 90, 32))
+from dync.plugins.per_sample_conv import kernels
+kernel = kernels.compile_kernel("fp16", [3, 3], [2, 2], [1, 1], [1, 1], target=GPUTarget("cuda", 90, 32))
 params = [line.split()[1:3] for line in kernel.asm["ptx"].splitlines() if ".param" in line][:10]
 print(kernel.metadata.name, *[p[0] for p in params])
 """
@@ -217,13 +204,12 @@ def test_kernel_compiles_ahead_of_time_to_ptx_with_the_aot_argument_order():
 def test_tensorrt_shape_function_on_ints(case: Case):
     x, weight = _inputs(case)
     attrs = _onnx_attrs(case)
-    shape = psc.per_sample_conv2d_shape(x.shape, weight.shape, attrs["strides"], attrs["pads"][:2],
-                                        attrs["dilations"])
+    shape = registry().get("PerSampleConv2d").face("shape")(x.shape, weight.shape, **attrs)
     assert shape == tuple(_per_sample_loop(x, weight, case).shape)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="tensorrt is not installed")
 def test_tensorrt_registration_is_idempotent():
     pytest.importorskip("tensorrt.plugin", reason="tensorrt.plugin needs TensorRT >= 10.7")
-    plugins.get("PerSampleConv2d").tensorrt()
-    plugins.get("PerSampleConv2d").tensorrt()
+    registry().get("PerSampleConv2d").face("tensorrt")()
+    registry().get("PerSampleConv2d").face("tensorrt")()

@@ -9,11 +9,9 @@ be strings. ScatterAddPatches has no TensorRT plugin yet: one kernel can only ad
 
 import tensorrt.plugin as trtp
 
-from dync.plugins._tensorrt import triton_dtype
+from dync.plugins._tensorrt import register_once, triton_dtype
 from dync.plugins.gather_scatter import GATHER, gather_patches_shape
 from dync.plugins.gather_scatter.kernels import BLOCK_C, compile_gather_kernel
-
-_registered: set[str] = set()
 
 
 def gather_patches_desc(x: trtp.TensorDesc, index: trtp.TensorDesc, patch: int, halo: int) -> trtp.TensorDesc:
@@ -39,9 +37,4 @@ def gather_patches_aot(
 
 def register() -> None:
     """Register the shape function and the AOT implementation with `tensorrt.plugin`, once per process."""
-    plugin_id = GATHER.plugin_id
-    if plugin_id in _registered:
-        return
-    trtp.register(plugin_id)(gather_patches_desc)
-    trtp.aot_impl(plugin_id)(gather_patches_aot)
-    _registered.add(plugin_id)
+    register_once(GATHER, gather_patches_desc, gather_patches_aot)

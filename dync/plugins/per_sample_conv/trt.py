@@ -10,11 +10,9 @@ import numpy as np
 import numpy.typing as npt
 import tensorrt.plugin as trtp
 
-from dync.plugins._tensorrt import triton_dtype
+from dync.plugins._tensorrt import register_once, triton_dtype
 from dync.plugins.per_sample_conv import OP, shape
 from dync.plugins.per_sample_conv.kernels import BLOCK_CO, BLOCK_P, compile_kernel
-
-_registered: set[str] = set()
 
 
 def per_sample_conv2d_desc(
@@ -50,9 +48,4 @@ def per_sample_conv2d_aot(
 
 def register() -> None:
     """Register the shape function and the AOT implementation with `tensorrt.plugin`, once per process."""
-    plugin_id = OP.plugin_id
-    if plugin_id in _registered:
-        return
-    trtp.register(plugin_id)(per_sample_conv2d_desc)
-    trtp.aot_impl(plugin_id)(per_sample_conv2d_aot)
-    _registered.add(plugin_id)
+    register_once(OP, per_sample_conv2d_desc, per_sample_conv2d_aot)

@@ -9,8 +9,8 @@ last) and Swin-T-like (7x7 windows, widths 96/192/384/768, per stage a FLatten o
 which 7 does not divide) then a plain window block). At batch 1 and 8, all in onnxruntime under the same
 session options:
 - "plain" is `torch.onnx.export(model, dynamo=True)` with a dynamic batch (what takes any batch, as dync's
-  package does), loaded with `session_from_onnx`; "plain fixed" is the same export made at the measured batch
-  (it takes only that batch);
+  package does), loaded with `dync.timing.onnx_session`; "plain fixed" is the same export made at the measured
+  batch (it takes only that batch);
 - "dync" is `dync.export`'s package (softmax attention fused into ONNX `Attention` where that measured
   faster at export, batch-repeated bias tables taken before the repeat: `dync/exporter/passes/attention/`),
   run by its engine, which gives the first stage a fixed-shape session per batch size;
@@ -34,8 +34,8 @@ import torch
 
 import dync
 from dync.exporter.capture import quiet_torch_onnx
-from dync.runtime.backends.ort import OrtSettings, session_from_onnx
-from dync.timing import median_times
+from dync.runtime.backends.ort import OrtSettings
+from dync.timing import median_times, onnx_session
 from zoo import random_input
 from zoo.attention import (
     Classifier,
@@ -90,7 +90,7 @@ def plain_session(model: torch.nn.Module, shape: tuple[int, ...], path: Path, dy
     with quiet_torch_onnx():
         torch.onnx.export(model, (torch.randn(*shape),), str(path), dynamo=True, input_names=["input"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic else None)
-    return session_from_onnx(path, OrtSettings())
+    return onnx_session(path)
 
 
 def model_rows(name: str, repeats: int, work: Path) -> list[str]:
@@ -99,8 +99,8 @@ def model_rows(name: str, repeats: int, work: Path) -> list[str]:
     engines = {"dync": dync.load(dync.export(model, work / f"{name}.dync", input_shape=shape)),
                "unfused": dync.load(dync.export(model, work / f"{name}_unfused.dync", input_shape=shape,
                                                 ops="plugins"))}
-    records = engines["dync"].manifest.attention
-    fused = f"{sum(r['fused'] for r in records)} of {len(records)}"
+    records = engines["dync"].manifest.records("attention")
+    fused = f"{sum(r.fused for r in records)} of {len(records)}"
     plain = plain_session(model, shape, work / "plain.onnx", dynamic=True)
     rows = []
     for batch in BATCHES:

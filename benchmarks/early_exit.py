@@ -25,9 +25,9 @@ import torch
 import dync
 from dync.bench import spreading_thresholds
 from dync.exporter.capture import quiet_torch_onnx
-from dync.runtime.backends.ort import OrtSettings, session_from_onnx
+from dync.runtime.backends.ort import OrtSettings
 from dync.runtime.exit_rule import forcing_thresholds
-from dync.timing import median_times
+from dync.timing import median_times, onnx_session
 from zoo.multi_exit import msdnet_cifar7
 
 
@@ -44,7 +44,7 @@ def default_session(path: Path) -> ort.InferenceSession:
 
 def batch_table(engine: dync.runtime.engine.Engine, x: np.ndarray, plain: Path, repeats: int) -> dict:
     settings = engine.backend.settings
-    plain_same = session_from_onnx(plain, settings)
+    plain_same = onnx_session(plain, settings)
     plain_default = default_session(plain)
     thresholds = spreading_thresholds(engine, x)
     variants = {
@@ -77,7 +77,7 @@ def batch_table(engine: dync.runtime.engine.Engine, x: np.ndarray, plain: Path, 
 def latency_table(engine: dync.runtime.engine.Engine, plain1: Path, repeats: int) -> list[dict]:
     """Batch-1 latency per exit: dync stopping at exit k against the plain export computing all exits."""
     x = engine.example_input(1)
-    plain = session_from_onnx(plain1, engine.backend.settings)
+    plain = onnx_session(plain1, engine.backend.settings)
     variants = {"plain": lambda: plain.run(None, {"x": x})}
     for k in range(engine.num_exits):
         forced = forcing_thresholds(k, engine.num_exits)

@@ -25,9 +25,9 @@ import torch
 
 import dync
 from dync.exporter.capture import quiet_torch_onnx
-from dync.plugins import decompose_custom_nodes
-from dync.runtime.backends.ort import OrtSettings, session_from_onnx
-from dync.timing import median_times
+from dync.plugins.splice import decompose_custom_nodes
+from dync.runtime.backends.ort import OrtSettings
+from dync.timing import median_times, onnx_session
 from zoo.arc import ArcResNetLike, _ready
 
 SAMPLE = (3, 64, 64)
@@ -37,7 +37,7 @@ def plain_session(model: torch.nn.Module, batch: int, path: Path) -> ort.Inferen
     """The model exported by torch.onnx at a fixed batch (the only batch its graph can take)."""
     with quiet_torch_onnx():
         torch.onnx.export(model, (torch.randn(batch, *SAMPLE),), str(path), dynamo=True, input_names=["x"])
-    return session_from_onnx(path, OrtSettings())
+    return onnx_session(path)
 
 
 def rows(batches: list[int], repeats: int, work: Path) -> list[str]:
@@ -45,7 +45,7 @@ def rows(batches: list[int], repeats: int, work: Path) -> list[str]:
     model = _ready(ArcResNetLike(widths=(32, 64, 128)))
     engine = dync.load(dync.export(model, work / "arc.dync", input_shape=(2, *SAMPLE)))
     stage = onnx.load(work / "arc.dync" / engine.manifest.stages[0].onnx)
-    decomposed = session_from_onnx(decompose_custom_nodes(stage), OrtSettings())
+    decomposed = onnx_session(decompose_custom_nodes(stage))
     out = []
     for batch in batches:
         plain = plain_session(model, batch, work / f"plain{batch}.onnx")

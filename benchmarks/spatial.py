@@ -28,9 +28,9 @@ import torch
 
 import dync
 from dync.exporter.capture import quiet_torch_onnx
-from dync.runtime.backends.ort import OrtSettings, session_from_onnx
+from dync.runtime.backends.ort import OrtSettings
 from dync.runtime.engine import Engine
-from dync.timing import median_times
+from dync.timing import median_times, onnx_session
 from zoo.spatial import MaskedBottleneck, conv1_positions, force_masks, lasnet_resnet50_like
 
 STAGES = {  # name: (cin, mid, cout, size, patch)
@@ -91,7 +91,7 @@ def resnet_rows(batch: int, repeats: int, work: Path) -> list[str]:
     with quiet_torch_onnx():
         torch.onnx.export(model, (torch.randn(batch, 3, 224, 224),), str(plain_path), dynamo=True,
                           input_names=["x"])
-    plain = session_from_onnx(plain_path, OrtSettings())
+    plain = onnx_session(plain_path)
     x = engines["--spatial-crossover 1"].example_input(batch, seed=2)
     variants = {"plain": lambda: plain.run(None, {"x": x}),
                 **{label: functools.partial(engine.run, x) for label, engine in engines.items()}}

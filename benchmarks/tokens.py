@@ -10,9 +10,9 @@ batch 1 and 8, all in onnxruntime under the same session options:
     of the two packages (counted by dync from the ONNX graphs); "of ideal" is realized / MACs ratio.
 (b) Token dispatch (DyT-like, every block's MLP gated per token), gate biases shifted so that about 10 ..
     100% of the tokens run each MLP (different per sample): dync's default export (MLP on packed kept
-    tokens) against the same model exported without the lowering (`lower_spatial=False`: MLP on every
-    token, masked, and no attention fusion either) and against dync's package at 100% kept (which isolates
-    what dispatch saves), next to the MACs ratio.
+    tokens) against the same model exported without the token and attention passes
+    (`skip_passes=UNLOWERED`: MLP on every token, masked, and no attention fusion either) and against
+    dync's package at 100% kept (which isolates what dispatch saves), next to the MACs ratio.
 Medians of interleaved rounds after warm-up; only ratios are printed.
 """
 
@@ -40,6 +40,8 @@ VIT_S = {"image": 224, "patch": 16, "dim": 384, "heads": 6}
 PRUNING = {"prune_at": (3, 6, 9), "ratios": (0.7, 0.49, 0.343)}
 FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 BATCHES = (1, 8)
+UNLOWERED = ("tokens", "attention")
+"""The passes the unlowered baseline skips: its MLPs run on every token and its attention is unfused."""
 
 
 def _export(model: torch.nn.Module, path: Path, **options: object) -> Path:
@@ -73,7 +75,7 @@ def dispatch_rows(depth: int, repeats: int, work: Path) -> list[str]:
     torch.manual_seed(0)
     base = DyTLike(depth=depth, **VIT_S).eval()
     packages = {"dync": _export(base, work / "dyt.dync"), "unlowered": _export(base, work / "dyt_dense.dync",
-                                                                               lower_spatial=False)}
+                                                                               skip_passes=UNLOWERED)}
     dense_macs = _macs(packages["unlowered"])
     rows = []
     for batch in BATCHES:

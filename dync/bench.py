@@ -9,17 +9,15 @@ Reported per setting, all as ratios of medians measured in interleaved rounds:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from dync.calib.thresholds import even_split_thresholds
 from dync.errors import PackageError
-from dync.runtime.backends.ort import OrtSettings, StageSession
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds, resolve_thresholds
-from dync.runtime.static import merged_static_model
 from dync.timing import median_times
 
 
@@ -43,23 +41,9 @@ class BenchReport:
         return asdict(self)
 
 
-StaticRun = Callable[[np.ndarray], list[np.ndarray]]
-
-
-def static_baseline(engine: Engine) -> StaticRun:
-    """A callable running the merged full graph as the engine runs its first stage: same session settings,
-    fixed-shape sessions per batch size, plugin nodes on their onnxruntime paths."""
-    settings = getattr(engine.backend, "settings", OrtSettings())
-    session = StageSession(merged_static_model(engine.package_dir, engine.manifest), settings,
-                           sees_request_batch=True)
-    input_name = engine.manifest.inputs[0].name
-    return lambda x: session.run(None, {input_name: x})
-
-
-def spreading_thresholds(engine: Engine, x: np.ndarray, full: StaticRun | None = None) -> np.ndarray:
-    """Thresholds sending an equal share of `x` to each exit, for packages that carry none; `full` reuses a
-    static baseline already built."""
-    outputs = (full or static_baseline(engine))(x)
+def spreading_thresholds(engine: Engine, x: np.ndarray) -> np.ndarray:
+    """Thresholds sending an equal share of `x` to each exit, for packages that carry none."""
+    outputs = engine.backend.run_static(engine.input_feeds(x))
     return even_split_thresholds([e.criterion for e in engine.manifest.exits], outputs)
 
 
@@ -68,7 +52,7 @@ def predicted_seconds(engine: Engine, exits: np.ndarray) -> float | None:
     from dync.calib.profile import load_profile
 
     try:
-        profile = load_profile(engine.package_dir, getattr(engine.backend, "name", "ort"))
+        profile = load_profile(engine.package_dir, engine.backend.name)
     except PackageError:
         return None
     return profile.predict_batch_seconds(exits)
@@ -85,11 +69,11 @@ def bench(
     source = "given" if thresholds is not None else "package"
     if thresholds is None:
         thresholds = engine.manifest.thresholds
-    full = static_baseline(engine)
     if thresholds is None:
-        thresholds, source = spreading_thresholds(engine, x, full), "even split of this data"
+        thresholds, source = spreading_thresholds(engine, x), "even split of this data"
     resolved = resolve_thresholds(thresholds, engine.num_exits)
-    variants = {"static": lambda: full(x), "dync": lambda: engine.execute(x, resolved)}
+    feeds = engine.input_feeds(x)
+    variants = {"static": lambda: engine.backend.run_static(feeds), "dync": lambda: engine.execute(x, resolved)}
     for k in range(engine.num_exits):
         forced = forcing_thresholds(k, engine.num_exits)
         variants[f"exit{k}"] = lambda forced=forced: engine.execute(x, forced)

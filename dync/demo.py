@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dync.errors import DyncError
+from dync.errors import InstallError
 
 if TYPE_CHECKING:
     from dync.runtime.engine import Engine
@@ -30,7 +30,7 @@ DEMO_BUDGET = 0.3
 def load_example() -> ModuleType:
     """The example lives in the repository's examples/ folder, which an editable install keeps beside dync."""
     if not EXAMPLE_FILE.is_file():
-        raise DyncError(
+        raise InstallError(
             f"{EXAMPLE_FILE} is missing; the demo needs the repository's examples/ folder, so install dync "
             "from a clone with `pip install -e .`."
         )
@@ -54,7 +54,6 @@ def run_demo(
 
 def _demo(package: Path, plot: Path, echo: Callable[[str], None], progress: Callable[[str], None]) -> None:
     import dync
-    from dync.bench import static_baseline
     from dync.timing import median_times
     from dync.verify import verify
 
@@ -68,8 +67,8 @@ def _demo(package: Path, plot: Path, echo: Callable[[str], None], progress: Call
 
     cumulative = np.array([e.cumulative_macs for e in engine.manifest.exits], dtype=np.float64)
     settings = {_label(t): (None if t is None else [t] * (engine.num_exits - 1)) for t in DEMO_THRESHOLDS}
-    full = static_baseline(engine)
-    variants = {"static": lambda: full(x)}
+    feeds = engine.input_feeds(x)
+    variants = {"static": lambda: engine.backend.run_static(feeds)}
     variants.update({label: (lambda t=t: engine.run(x, thresholds=t)) for label, t in settings.items()})
     progress(f"timing {len(variants)} variants side by side on {len(x)} held-out digits")
     times = median_times(variants, repeats=15, warmup=2)

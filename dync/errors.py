@@ -35,6 +35,10 @@ class ProfileError(PackageError):
     """A package's latency profile is missing, malformed, or measured for a different package."""
 
 
+class InstallError(DyncError):
+    """dync is installed without something a command needs (an extra, the repository's examples/)."""
+
+
 class InputError(DyncError):
     """Input data or run options do not match what the package expects."""
 

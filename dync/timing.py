@@ -1,22 +1,34 @@
-"""Side-by-side timing: variants measured in interleaved rounds, medians after warm-up.
+"""Side-by-side timing: variants measured in interleaved rounds, medians after warm-up; and the sessions that
+candidates timed as ONNX models run in.
 
 Interleaving makes slow drift of a shared, noisy machine hit every variant alike, so the ratios between
-variants stay meaningful even when absolute times do not.
+variants stay meaningful even when absolute times do not. Candidates (an exporter pass's two forms of a
+block, a benchmark's plain export) are timed under dync's session settings, so that what decides or is
+compared is what a package runs with.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+
+from dync.errors import InputError
+from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 
 
 def median_times(
     variants: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2
 ) -> dict[str, float]:
     """Median seconds per call of each variant, measured round-robin."""
-    assert repeats >= 1 and warmup >= 0
+    if repeats < 1:
+        raise InputError(f"repeats {repeats} must be at least 1 (the number of timed rounds); ask for 1 or more.")
+    if warmup < 0:
+        raise InputError(f"warmup {warmup} must be at least 0 (the number of untimed rounds); ask for 0 or more.")
     for fn in variants.values():
         for _ in range(warmup):
             fn()
@@ -27,3 +39,9 @@ def median_times(
             fn()
             samples[name].append(time.perf_counter() - start)
     return {name: float(np.median(times)) for name, times in samples.items()}
+
+
+def onnx_session(model: onnx.ModelProto | str | Path, settings: OrtSettings | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session for a model to time (or its file), under `settings` or, by default, the
+    settings `dync.load` gives a package."""
+    return session_from_onnx(model, settings or OrtSettings())

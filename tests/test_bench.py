@@ -1,21 +1,24 @@
-"""`dync.bench` from Python: what it reports besides times (which tests never assert)."""
+"""`dync.bench` from Python: what it reports besides times (which tests never assert); and from the CLI, how it
+refuses bad options."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dync.bench import bench, spreading_thresholds, static_baseline
+from dync.bench import bench, spreading_thresholds
 from dync.calib.thresholds import even_split_thresholds
+from dync.errors import InputError
 from dync.runtime.exit_rule import forcing_thresholds
-from tests.conftest import Exported
+from dync.timing import median_times
+from tests.conftest import CliExport, Exported, invoke
 from tests.helpers import assert_close, eager_outputs
 from zoo import random_input
 
 
-def test_static_baseline_computes_every_exit(msdnet: Exported) -> None:
+def test_static_full_model_computes_every_exit(msdnet: Exported) -> None:
     x = random_input(msdnet.sample_shape, 6, seed=1)
-    outputs = static_baseline(msdnet.engine)(x)
+    outputs = msdnet.engine.backend.run_static(msdnet.engine.input_feeds(x))
     reference = eager_outputs(msdnet.model, x)
     assert len(outputs) == 4
     for k, (got, ref) in enumerate(zip(outputs, reference, strict=True)):
@@ -27,9 +30,8 @@ def test_static_baseline_computes_every_exit(msdnet: Exported) -> None:
 def test_spreading_thresholds_split_the_batch_evenly(msdnet: Exported) -> None:
     x = random_input(msdnet.sample_shape, 40, seed=2)
     thresholds = spreading_thresholds(msdnet.engine, x)
-    np.testing.assert_array_equal(
-        thresholds, even_split_thresholds(["max_softmax"] * 4, static_baseline(msdnet.engine)(x))
-    )
+    outputs = msdnet.engine.backend.run_static(msdnet.engine.input_feeds(x))
+    np.testing.assert_array_equal(thresholds, even_split_thresholds(["max_softmax"] * 4, outputs))
     counts = np.bincount(msdnet.engine.run(x, thresholds=thresholds).exit, minlength=4)
     # Each threshold equals one sample's confidence as the merged graph computes it; the stages may compute
     # that sample's confidence a few ulps lower, so it may go on to the next exit.
@@ -50,3 +52,18 @@ def test_bench_report(msdnet: Exported, thresholds: list[float] | None, source: 
     assert report.theoretical_speedup == pytest.approx(cumulative[-1] / (counts / 16 @ cumulative), rel=1e-12)
     assert len(report.forced_exit_speedup) == 4
     assert set(report.to_json()) >= {"realized_speedup", "efficiency", "settings"}
+
+
+@pytest.mark.parametrize(("repeats", "warmup", "message"), [(0, 2, "repeats 0 must be at least 1"),
+                                                             (1, -1, "warmup -1 must be at least 0")])
+def test_timing_refuses_no_rounds(repeats: int, warmup: int, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        median_times({"nothing": lambda: None}, repeats=repeats, warmup=warmup)
+
+
+def test_cli_bench_with_no_rounds_is_one_error_line(cli_export: CliExport) -> None:
+    result = invoke(["bench", cli_export.package, "--batch", "4", "--repeats", "0"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "repeats 0 must be at least 1" in errors[0], result.stderr
+    assert "Traceback" not in result.output and not result.stdout

@@ -1,1 +1,3 @@
-"""Choosing exit thresholds (and, later, latency profiles and quantization scales) for a package."""
+"""Calibration of a package for a budget: exit thresholds for a compute or latency budget (`calibrate`,
+`budget`, `thresholds`), per-stage latency profiles that predict a run's time (`profile`), and the
+accuracy/cost picture (`plot`)."""

@@ -9,6 +9,7 @@ most accurate among those close to the budget.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -93,7 +94,12 @@ def choose(curve: list[Setting], budget: float, min_cost: float) -> Setting:
             f"(every sample at exit 0); ask for at least {min_cost:.3f}."
         )
     feasible = [s for s in curve if s.cost <= budget]
-    assert feasible, "the q grid must reach the all-at-exit-0 setting"
+    if not feasible:  # on many samples, even the smallest q of the grid sends a few past exit 0
+        cheapest = math.ceil(min(s.cost for s in curve) * 1e4) / 1e4
+        raise InputError(
+            f"budget {budget:g} is below the cheapest cost the threshold search reaches on this data, about "
+            f"{cheapest:.4f} (a few samples always go past exit 0); ask for at least {cheapest:.4f}."
+        )
     closest = max(s.cost for s in feasible)
     near = [s for s in feasible if s.cost >= min(NEAR_BUDGET * budget, closest)]
     if near[0].accuracy is None:

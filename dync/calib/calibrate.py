@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dync.bench import static_baseline
 from dync.calib.budget import Calibration, CostOfExits, calibrate, flops_cost
 from dync.errors import InputError
 from dync.package import write_manifest
+from dync.records import CalibrationRecord
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import confidence
 
@@ -49,8 +49,8 @@ class BudgetRequest:
 
 def exit_outputs(engine: Engine, data: np.ndarray) -> list[np.ndarray]:
     """Every exit's output for every sample, from the static full model, in bounded-size batches."""
-    full = static_baseline(engine)
-    chunks = [full(data[i : i + PASS_BATCH]) for i in range(0, len(data), PASS_BATCH)]
+    chunks = [engine.backend.run_static(engine.input_feeds(data[i : i + PASS_BATCH]))
+              for i in range(0, len(data), PASS_BATCH)]
     return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(engine.num_exits)]
 
 
@@ -70,7 +70,7 @@ def latency_cost(engine: Engine, batch_size: int) -> CostOfExits:
     """Predicted time of running the data in batches of `batch_size`, as a fraction of the full model's."""
     from dync.calib.profile import load_profile
 
-    profile = load_profile(engine.package_dir, getattr(engine.backend, "name", "ort"))
+    profile = load_profile(engine.package_dir, engine.backend.name)
 
     def cost(exits: np.ndarray) -> float:
         chunks = [exits[i : i + batch_size] for i in range(0, len(exits), batch_size)]
@@ -83,7 +83,7 @@ def latency_cost(engine: Engine, batch_size: int) -> CostOfExits:
 def full_model_ms_per_sample(engine: Engine, batch_size: int) -> float:
     from dync.calib.profile import load_profile
 
-    profile = load_profile(engine.package_dir, getattr(engine.backend, "name", "ort"))
+    profile = load_profile(engine.package_dir, engine.backend.name)
     return profile.predict_full_seconds(batch_size) / batch_size * 1e3
 
 
@@ -113,19 +113,19 @@ def _store(engine: Engine, result: Calibration, request: BudgetRequest, samples:
     chosen = result.chosen
     for exit_spec, threshold in zip(engine.manifest.exits[:-1], chosen.thresholds, strict=True):
         exit_spec.threshold = float(threshold) if np.isfinite(threshold) else 2.0  # above 1: never fires
-    engine.manifest.calibration = {
-        "metric": request.metric,
-        "budget": result.budget,
-        "budget_ms": request.budget_ms,
-        "batch_size": request.batch_size if request.metric == "latency" else None,
-        "q": chosen.q,
-        "expected_cost": chosen.cost,
-        "expected_accuracy": chosen.accuracy,
-        "exit_counts": chosen.exit_counts.tolist(),
-        "samples": samples,
-        "min_cost": result.min_cost,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    engine.manifest.calibration = CalibrationRecord(
+        metric=request.metric,
+        budget=result.budget,
+        budget_ms=request.budget_ms,
+        batch_size=request.batch_size if request.metric == "latency" else None,
+        q=chosen.q,
+        expected_cost=chosen.cost,
+        expected_accuracy=chosen.accuracy,
+        exit_counts=chosen.exit_counts.tolist(),
+        samples=samples,
+        min_cost=result.min_cost,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     write_manifest(Path(engine.package_dir), engine.manifest)
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dync.errors import InputError, PackageError
+from dync.errors import InputError, PackageError, ProfileError
 from dync.package import load_manifest
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds
@@ -60,14 +60,15 @@ class LatencyProfile:
     created: str = ""
 
     def __post_init__(self) -> None:
+        """Check every table against the batch sizes; ProfileError names the field that is wrong."""
         self.batch_sizes = [int(b) for b in self.batch_sizes]
         sizes = np.asarray(self.batch_sizes)
         if sizes.ndim != 1 or sizes.size == 0 or sizes[0] < 1 or (np.diff(sizes) <= 0).any():
-            raise ValueError(f"batch_sizes {self.batch_sizes} must be positive and strictly increasing")
+            raise ProfileError(f"batch_sizes {self.batch_sizes} are not positive and strictly increasing")
         width = sizes.size
         self.seconds = _table(self.seconds, (-1, width), "seconds")
         if self.seconds.shape[0] < 1:
-            raise ValueError("seconds lists no stages")
+            raise ProfileError("seconds lists no stages, expected one row per stage")
         self.overhead = _table(self.overhead, (width,), "overhead")
         if np.size(self.compaction) == 0:
             self.compaction = np.zeros((self.num_stages - 1, width))
@@ -127,38 +128,56 @@ class LatencyProfile:
 
     @classmethod
     def from_json(cls, raw: Any) -> LatencyProfile:
-        """Parse `to_json`'s output; raises ValueError naming what is wrong."""
+        """Parse `to_json`'s output; raises ProfileError naming the field that is wrong."""
         if not isinstance(raw, dict) or raw.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"no 'format': '{PROFILE_FORMAT}'")
+            raise ProfileError(f"it has no 'format': '{PROFILE_FORMAT}'")
         if raw.get("format_version") != PROFILE_VERSION:
-            raise ValueError(f"format_version {raw.get('format_version')!r}, this dync reads {PROFILE_VERSION}")
-        try:
-            return cls(
-                backend=str(raw["backend"]),
-                settings=dict(raw["settings"]),
-                machine=dict(raw["machine"]),
-                batch_sizes=list(raw["batch_sizes"]),
-                seconds=raw["seconds"],
-                overhead=raw["overhead"],
-                compaction=np.asarray(raw.get("compaction", []), dtype=np.float64),
-                created=str(raw.get("created", "")),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"missing or malformed field {exc}") from exc
+            raise ProfileError(f"format_version {raw.get('format_version')!r} is not {PROFILE_VERSION}, the one this "
+                               "dync reads")
+        return cls(
+            backend=_field(raw, "backend", str),
+            settings=_field(raw, "settings", dict),
+            machine=_field(raw, "machine", dict),
+            batch_sizes=_field(raw, "batch_sizes", _integers),
+            seconds=_field(raw, "seconds", _floats),
+            overhead=_field(raw, "overhead", _floats),
+            compaction=_field(raw, "compaction", _floats, default=[]),
+            created=_field(raw, "created", str, default=""),
+        )
+
+
+def _field(raw: dict[str, Any], name: str, convert: Callable[[Any], Any], default: Any = None) -> Any:
+    """`convert(raw[name])`; a field without a default must be present. ProfileError names the field that is
+    missing or does not convert."""
+    if name not in raw and default is None:
+        raise ProfileError(f"field '{name}' is missing")
+    try:
+        return convert(raw.get(name, default))
+    except (TypeError, ValueError) as exc:
+        raise ProfileError(f"field '{name}' is malformed ({exc})") from exc
+
+
+def _integers(values: Any) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _floats(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)
 
 
 def _table(values: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """A finite, non-negative float array of the given shape (-1: any length on that axis)."""
+    """A finite, non-negative float array of the given shape (-1: any length on that axis); ProfileError
+    names the field otherwise."""
     try:
         array = np.asarray(values, dtype=np.float64)
         if array.size == 0 and -1 not in shape:
             array = array.reshape(shape)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} is not a numeric table ({exc})") from exc
+        raise ProfileError(f"{name} is not a numeric table ({exc})") from exc
     if array.ndim != len(shape) or any(want not in (-1, got) for want, got in zip(shape, array.shape, strict=True)):
-        raise ValueError(f"{name} has shape {list(array.shape)}, expected {list(shape)} (-1: any)")
+        raise ProfileError(f"{name} has shape {list(array.shape)}, expected {list(shape)} (-1: any)")
     if not np.isfinite(array).all() or (array < 0).any():
-        raise ValueError(f"{name} holds negative or non-finite seconds")
+        raise ProfileError(f"{name} holds negative or non-finite seconds, expected finite times >= 0")
     return array
 
 
@@ -273,7 +292,7 @@ def profile_stages(
     )
     settings = engine.backend.describe()
     return LatencyProfile(
-        backend=str(getattr(engine.backend, "name", settings.get("backend", "unknown"))),
+        backend=engine.backend.name,
         settings=settings,
         machine=machine_info(),
         batch_sizes=sizes,
@@ -299,18 +318,19 @@ def save_profile(package_dir: str | Path, profile: LatencyProfile) -> Path:
 
 
 def load_profile(package_dir: str | Path, backend: str = "ort") -> LatencyProfile:
-    """The package's stored profile for `backend`; missing, corrupt or stale profiles fail with what to do."""
+    """The package's stored profile for `backend`; missing, corrupt or stale profiles fail with a ProfileError
+    naming the file and what to do."""
     manifest = load_manifest(package_dir)
     path = profile_path(package_dir, backend)
     rerun = f"run `dync profile {package_dir}`"
     if not path.is_file():
-        raise PackageError(f"package {package_dir} has no latency profile for backend {backend}; {rerun} first.")
+        raise ProfileError(f"package {package_dir} has no latency profile for backend {backend}; {rerun} first.")
     try:
         profile = LatencyProfile.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-        raise PackageError(f"{path} is not a valid latency profile ({exc}); {rerun} again.") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, ProfileError) as exc:
+        raise ProfileError(f"{path} is not a valid latency profile ({exc}); {rerun} again.") from exc
     if profile.num_stages != len(manifest.stages):
-        raise PackageError(
+        raise ProfileError(
             f"{path} profiles {profile.num_stages} stages but package {package_dir} has {len(manifest.stages)}; "
             f"{rerun} again."
         )

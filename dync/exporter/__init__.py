@@ -84,7 +84,7 @@ def export(
     report(f"partitioning into {len(captured.exit_names)} stage(s)")
     stages = partition(captured.model, captured.exit_names, probe, labels=exits)
     context = PassContext(form=ops, whole_model=captured.model, progress=report, spatial_crossover=spatial_crossover)
-    records = run_passes(stages, context, skipped)
+    records = _run_passes(stages, context, skipped)
     output = Path(output)
     package_name = name or output.name.removesuffix(".dync")
     manifest = _manifest(package_name, captured.input_name, input_shape, stages, probe, source, exits)
@@ -103,7 +103,7 @@ def _checked_passes(skip_passes: Collection[str], lower_spatial: bool) -> set[st
     return {*skip_passes, *(() if lower_spatial else ("spatial",))}
 
 
-def run_passes(stages: list[Stage], context: PassContext, skipped: Collection[str] = ()) -> dict[str, list[PassRecord]]:
+def _run_passes(stages: list[Stage], context: PassContext, skipped: Collection[str]) -> dict[str, list[PassRecord]]:
     """Run each stage through the passes that serve the context's form, in place; every pass's records, by name.
 
     Passes run after probing and partitioning, so that both see only static shapes and each stage's MACs are

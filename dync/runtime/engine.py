@@ -56,7 +56,7 @@ class Engine:
         `observe(k, state)`, if given, sees the state held when stage k starts (profiling replays it).
         """
         batch = x.shape[0]
-        state = {self.manifest.inputs[0].name: x}
+        state = self.input_feeds(x)
         if self.num_exits == 1 and observe is None:  # nothing to decide: one call, no bookkeeping
             stage = self.manifest.stages[0]
             logits = self.backend.run(stage, {name: state[name] for name in stage.reads})[stage.exit.output]
@@ -89,6 +89,10 @@ class Engine:
                 state = {name: value[keep] for name, value in state.items()}
         assert logits is not None and (exits >= 0).all()
         return RunResult(logits=logits, exit=exits)
+
+    def input_feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """`x` under the package input's name, as the first stage and `backend.run_static` take it."""
+        return {self.manifest.inputs[0].name: x}
 
     def example_input(self, batch: int, seed: int = 0) -> np.ndarray:
         """Standard-normal data of the package's input shape, for verification and benchmarks."""

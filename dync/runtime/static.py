@@ -1,7 +1,8 @@
-"""The static baseline: a package's stages merged back into one graph that computes every exit.
+"""The static full model: a package's stages merged back into one graph that computes every exit.
 
 Stages are cuts of one exported graph, so their union (recomputed batch-independent nodes taken once) is
-that graph again. `bench` runs it under the same session options as the stages to compare like with like.
+that graph again. Backends run it (`Backend.run_static`) under the same session options as the stages, so
+that `bench` compares like with like and `calibrate` gets every exit's output in one pass.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dync.package import Manifest
 
 
 def merged_static_model(package_dir: str | Path, manifest: Manifest) -> onnx.ModelProto:
+    """The merged graph: the package inputs in, every exit's output out, in exit order."""
     stages = [onnx.load(Path(package_dir) / s.onnx) for s in manifest.stages]
     nodes: dict[str, onnx.NodeProto] = {}
     initializers: dict[str, onnx.TensorProto] = {}

@@ -86,3 +86,17 @@ def test_budget_below_the_cheapest_exit_names_the_minimum() -> None:
 def test_budget_above_one_runs_everything_to_the_end() -> None:
     curve = budgeted_curve(synthetic_confidences(300, seed=8), flops_cost(CUMULATIVE))
     assert choose(curve, 1.5, 0.1).cost == pytest.approx(max(s.cost for s in curve))
+
+
+def test_budget_the_q_grid_cannot_reach_names_the_cheapest_reachable_cost() -> None:
+    """On 5000 samples even the smallest q sends a few samples past exit 0, so a budget of exactly the
+    all-at-exit-0 cost is refused with the cheapest cost the search reaches, not an assertion."""
+    confidences = synthetic_confidences(5000, seed=9)
+    curve = budgeted_curve(confidences, flops_cost(CUMULATIVE))
+    cheapest = min(s.cost for s in curve)
+    assert cheapest > 0.1
+    with pytest.raises(InputError, match=r"cheapest cost the threshold search reaches .*ask for at least") as caught:
+        choose(curve, 0.1, 0.1)
+    suggested = float(str(caught.value).rsplit(" ", 1)[-1].rstrip("."))
+    assert cheapest <= suggested < cheapest + 1e-4
+    assert choose(curve, suggested, 0.1).cost == cheapest

@@ -33,7 +33,7 @@ def test_thresholds_are_stored_and_used_by_run(package: Path, data: np.ndarray) 
     result = calibrate_package(engine, data, BudgetRequest(budget=0.5))
     reloaded = dync.load(package)
     assert reloaded.manifest.thresholds == pytest.approx([min(t, 2.0) for t in result.chosen.thresholds])
-    assert reloaded.manifest.calibration["expected_cost"] == pytest.approx(result.chosen.cost)
+    assert reloaded.manifest.calibration.expected_cost == pytest.approx(result.chosen.cost)
     exits = reloaded.run(data).exit
     np.testing.assert_array_equal(np.bincount(exits, minlength=3), result.chosen.exit_counts)
 

@@ -13,7 +13,7 @@ import torch
 
 import dync
 from dync.calib.profile import LatencyProfile, load_profile, profile_path, profile_stages, save_profile
-from dync.errors import InputError, PackageError
+from dync.errors import InputError, ProfileError
 from dync.runtime.engine import Engine
 from tests.models import TINY_SHAPE, tiny_model
 from zoo.multi_exit import SingleExitNet
@@ -113,18 +113,18 @@ def test_prediction_rejects_bad_exits(exits: list[float]) -> None:
 
 
 @pytest.mark.parametrize(
-    "changes",
+    ("changes", "field"),
     [
-        {"batch_sizes": [4, 1, 16]},
-        {"batch_sizes": [0, 4, 16]},
-        {"seconds": [[1.0, 2.0], [2.0, 2.0], [3.0, 6.0]]},
-        {"seconds": [[1.0, 2.0, -5.0], *SECONDS[1:]]},
-        {"overhead": [0.3, float("nan"), 0.6]},
-        {"compaction": COMPACTION[:1]},
+        ({"batch_sizes": [4, 1, 16]}, "batch_sizes"),
+        ({"batch_sizes": [0, 4, 16]}, "batch_sizes"),
+        ({"seconds": [[1.0, 2.0], [2.0, 2.0], [3.0, 6.0]]}, "seconds"),
+        ({"seconds": [[1.0, 2.0, -5.0], *SECONDS[1:]]}, "seconds"),
+        ({"overhead": [0.3, float("nan"), 0.6]}, "overhead"),
+        ({"compaction": COMPACTION[:1]}, "compaction"),
     ],
 )
-def test_inconsistent_profiles_are_rejected(changes: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
+def test_inconsistent_profiles_are_rejected(changes: dict[str, object], field: str) -> None:
+    with pytest.raises(ProfileError, match=field):
         hand_made(**changes)
 
 
@@ -161,10 +161,10 @@ def test_save_and_load_in_a_package(package: Path) -> None:
 
 
 def test_missing_profile(package: Path) -> None:
-    with pytest.raises(PackageError, match=r"has no latency profile for backend ort; run `dync profile .*` first"):
+    with pytest.raises(ProfileError, match=r"has no latency profile for backend ort; run `dync profile .*` first"):
         load_profile(package)
     save_profile(package, hand_made())
-    with pytest.raises(PackageError, match="no latency profile for backend trt"):
+    with pytest.raises(ProfileError, match="no latency profile for backend trt"):
         load_profile(package, backend="trt")
 
 
@@ -174,7 +174,12 @@ def test_missing_profile(package: Path) -> None:
         ("{not json", "not a valid latency profile"),
         ('{"format": "something else"}', "not a valid latency profile"),
         (json.dumps({**hand_made().to_json(), "seconds": [[1.0], [2.0], [3.0]]}), "seconds has shape"),
-        (json.dumps({k: v for k, v in hand_made().to_json().items() if k != "overhead"}), "overhead"),
+        (json.dumps({k: v for k, v in hand_made().to_json().items() if k != "overhead"}),
+         "field 'overhead' is missing"),
+        (json.dumps({**hand_made().to_json(), "settings": 5}), "field 'settings' is malformed"),
+        (json.dumps({**hand_made().to_json(), "batch_sizes": ["one", 4, 16]}), "field 'batch_sizes' is malformed"),
+        (json.dumps({**hand_made().to_json(), "compaction": [[0.1], [0.2, 0.8]]}), "field 'compaction' is malformed"),
+        (json.dumps({**hand_made().to_json(), "format_version": 99}), "format_version 99 is not 1"),
         (json.dumps(hand_made(seconds=SECONDS[:2], compaction=COMPACTION[:1]).to_json()), "profiles 2 stages"),
     ],
 )
@@ -182,7 +187,7 @@ def test_corrupt_profile(package: Path, content: str, message: str) -> None:
     path = profile_path(package, "ort")
     path.parent.mkdir()
     path.write_text(content)
-    with pytest.raises(PackageError, match=message) as caught:
+    with pytest.raises(ProfileError, match=message) as caught:
         load_profile(package)
     assert str(path) in str(caught.value) and "dync profile" in str(caught.value)
 

@@ -1,4 +1,5 @@
-"""The onnxruntime backend's stage sessions: fixed-shape sessions per batch size, where and as many as asked."""
+"""The onnxruntime backend's stage sessions: fixed-shape sessions per batch size, where and as many as asked; its
+static full model; and the sessions the timing module gives candidates."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 import dync
 from dync.errors import InputError
 from dync.runtime.backends.ort import OrtSettings, StageSession
+from dync.timing import onnx_session
 from tests.conftest import Exported
 from tests.helpers import assert_close, eager_outputs
 from zoo import random_input
@@ -60,3 +62,22 @@ def test_fixed_session_takes_the_batch_as_a_static_dim(single_exit: Exported) ->
 def test_negative_fixed_batches_is_refused() -> None:
     with pytest.raises(InputError, match="fixed_batches -1 must be >= 0"):
         OrtSettings(fixed_batches=-1)
+
+
+def test_static_full_model_takes_each_batch_size_and_is_built_once(msdnet: Exported) -> None:
+    engine = dync.load(msdnet.package, fixed_batches=2)
+    for batch in (3, 2, 5, 3):  # two fixed-shape sessions, then the dynamic one, then the first again
+        x = random_input(msdnet.sample_shape, batch, seed=batch)
+        outputs = engine.backend.run_static(engine.input_feeds(x))
+        for k, (got, ref) in enumerate(zip(outputs, eager_outputs(msdnet.model, x), strict=True)):
+            assert_close(got, ref, what=f"static exit {k} at batch {batch}")
+    static = engine.backend._static_session
+    assert static.fixed_batch_sizes == [2, 3] and engine.backend._static_session is static
+
+
+def test_timing_sessions_use_dync_settings(single_exit: Exported) -> None:
+    stage = single_exit.package / dync.load(single_exit.package).manifest.stages[0].onnx
+    assert onnx_session(stage).get_session_options().intra_op_num_threads == OrtSettings().intra_op_threads
+    session = onnx_session(stage, OrtSettings(threads=1, optimization="basic"))
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert session.get_providers() == ["CPUExecutionProvider"]

@@ -1,7 +1,8 @@
-"""Backends run one stage at a time behind one small interface, looked up by name.
+"""Backends run a package behind one small interface, looked up by name.
 
-A backend is constructed from a package (directory and manifest) and must offer
-`run(stage, feeds) -> {name: array}` and `describe() -> dict` (its settings, printed by `bench`).
+The executor, `bench`, `profile` and `calibrate` run models only through `Backend`: one stage at a time for
+early exit, or the static full model (every stage merged back into one graph) for baselines and for the
+one pass over validation data that calibration needs. So a new backend is one class and one entry here.
 """
 
 from __future__ import annotations
@@ -17,9 +18,23 @@ from dync.package import Manifest, StageSpec
 
 
 class Backend(Protocol):
-    def run(self, stage: StageSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    """What runs a package's graphs; constructed from the package directory, its manifest and options."""
 
-    def describe(self) -> dict[str, Any]: ...
+    name: str
+    """The backend's registry name; latency profiles are stored per backend under it."""
+
+    def describe(self) -> dict[str, Any]:
+        """The settings it runs with, printed by `bench` and stored with latency profiles."""
+        ...
+
+    def run(self, stage: StageSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One stage on `feeds` (the tensors it reads): its exit output and every tensor it writes, by name."""
+        ...
+
+    def run_static(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The static full model on the package inputs: every exit's output, in exit order, under the same
+        settings as the stages, so that it is a like-for-like baseline."""
+        ...
 
 
 def _ort(package_dir: Path, manifest: Manifest, **options: Any) -> Backend:

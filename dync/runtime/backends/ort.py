@@ -1,8 +1,9 @@
 """onnxruntime CPU backend: per stage, a dynamic-batch InferenceSession built at load, plus fixed-shape sessions
-built on first use for the batch sizes that repeat (`StageSession`), all with explicit options.
+built on first use for the batch sizes that repeat (`StageSession`), all with explicit options; and the
+static full model (the stages merged back into one graph) as one more `StageSession`, built on first use.
 
 Session options are explicit (threads, graph optimization level, spinning, fixed-batch sessions) so that
-`bench` compares dync and the static baseline under identical settings and can print them.
+`bench` compares dync and the static full model under identical settings and can print them.
 
 Spinning is off by default: each stage session owns an intra-op thread pool, and pools that spin-wait after
 their stage finishes steal the cores the next stage's pool needs (on 2 cores this dominated batch-1
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,7 @@ class OrtSettings:
 
 
 def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings) -> ort.InferenceSession:
+    """A CPU session for a model (or its file) under `settings`, explicit options only (never ort's defaults)."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, settings.session_options(), providers=["CPUExecutionProvider"])
 
@@ -89,7 +92,7 @@ class StageSession:
                  plugins: bool = True) -> None:
         """`plugins=False` promises a stage file without `dync::` nodes (as its manifest says), which spares
         parsing it here."""
-        from dync.plugins import custom_nodes, decompose_custom_nodes, has_fast_cpu_path
+        from dync.plugins.splice import custom_nodes, decompose_custom_nodes, has_fast_cpu_path
 
         self._settings = settings
         self._model = model
@@ -113,7 +116,7 @@ class StageSession:
             return self._by_batch[batch]
         if not self._fixed_batch or len(self._by_batch) >= self._settings.fixed_batches:
             return self._dynamic
-        from dync.plugins import specialize_custom_nodes
+        from dync.plugins.splice import specialize_custom_nodes
 
         graph = onnx.load(self._model) if isinstance(self._model, Path) else self._model
         self._by_batch[batch] = session_from_onnx(_with_batch(specialize_custom_nodes(graph, batch), batch),
@@ -122,15 +125,20 @@ class StageSession:
 
 
 def _with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """`model` with its inputs' batch dim fixed, so onnxruntime folds the shape arithmetic that reads it."""
-    for value in model.graph.input:
+    """A copy of `model` with its inputs' batch dim fixed, so onnxruntime folds the shape arithmetic that reads
+    it; a copy, because a stage held in memory is specialized again for each batch size."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_value = batch
-    return model
+    return fixed
 
 
 class OrtBackend:
+    """The `Backend` on onnxruntime's CPU provider: one `StageSession` per stage, and one for the static full model."""
+
     name = "ort"
 
     def __init__(self, package_dir: Path, manifest: Manifest, **settings: Any) -> None:
@@ -140,7 +148,9 @@ class OrtBackend:
                 f"onnxruntime backend options {unknown} are unknown; use {sorted(OrtSettings.__dataclass_fields__)}."
             )
         self.settings = OrtSettings(**settings)
-        self._sessions = {stage.name: StageSession(Path(package_dir) / stage.onnx, self.settings,
+        self._package_dir = Path(package_dir)
+        self._manifest = manifest
+        self._sessions = {stage.name: StageSession(self._package_dir / stage.onnx, self.settings,
                                                    sees_request_batch=k == 0, plugins=bool(manifest.custom_ops))
                           for k, stage in enumerate(manifest.stages)}
         self._outputs = {s.name: [s.exit.output, *[w for w in s.writes if w != s.exit.output]] for s in manifest.stages}
@@ -148,6 +158,19 @@ class OrtBackend:
     def run(self, stage: StageSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self._outputs[stage.name]
         return dict(zip(names, self._sessions[stage.name].run(names, feeds), strict=True))
+
+    def run_static(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._static_session.run(None, feeds)
+
+    @cached_property
+    def _static_session(self) -> StageSession:
+        """The merged graph, run as the first stage is (it sees the request's batch): same settings, fixed-shape
+        sessions per batch size, plugin nodes on their onnxruntime paths. Built once, on first use, because
+        only baselines and calibration need it (onnx-graphsurgeon, which merges, is imported only then)."""
+        from dync.runtime.static import merged_static_model
+
+        return StageSession(merged_static_model(self._package_dir, self._manifest), self.settings,
+                            sees_request_batch=True)
 
     def fixed_batch_sizes(self) -> dict[str, list[int]]:
         """Per stage, the batch sizes it has a fixed-shape session for (built on first use)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -21,8 +22,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dync.exporter.passes.attention.fuse import ATTENTION_OPSET
 from dync.records import AttentionShape
-from dync.runtime.backends.ort import OrtSettings, session_from_onnx
-from dync.timing import median_times
+from dync.timing import median_times, onnx_session
+
+if TYPE_CHECKING:
+    from dync.runtime.backends.ort import OrtSettings
 
 BATCHES = (1, 8)
 
@@ -35,7 +38,7 @@ class FasterForm:
 
     def __init__(self, settings: OrtSettings | None = None, repeats: int = 15,
                  progress: Callable[[str], None] = lambda message: None) -> None:
-        self._settings = settings or OrtSettings()
+        self._settings = settings
         self._repeats = repeats
         self._progress = progress
         self.ratios: dict[AttentionShape, float] = {}
@@ -56,12 +59,12 @@ def describe(shape: AttentionShape) -> str:
             f"{'' if shape.value_dim == shape.head_dim else f' (values {shape.value_dim})'}{bias}")
 
 
-def fused_over_unfused(shape: AttentionShape, settings: OrtSettings, repeats: int) -> float:
+def fused_over_unfused(shape: AttentionShape, settings: OrtSettings | None, repeats: int) -> float:
     """The fused form's median time over the unfused chain's, geometric mean over BATCHES."""
     rng = np.random.default_rng(0)
     ratios = []
     for batch in BATCHES:
-        forms = {fused: session_from_onnx(attention_model(shape, batch, fused), settings) for fused in (True, False)}
+        forms = {fused: onnx_session(attention_model(shape, batch, fused), settings) for fused in (True, False)}
         feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in forms[True].get_inputs()}
         times = median_times({fused: functools.partial(s.run, None, feeds) for fused, s in forms.items()},
                              repeats=repeats)

@@ -11,6 +11,7 @@ Measured on the exporting machine; thread count and CPU move it, so it is a prop
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -18,8 +19,11 @@ import onnx_graphsurgeon as gs
 
 from dync.exporter.passes.spatial.lower import lower_masked_bottlenecks
 from dync.exporter.passes.spatial.rows import CROSSOVER_SUFFIX
-from dync.runtime.backends.ort import OrtSettings, session_from_onnx
-from dync.timing import median_times
+from dync.graph import export_graph, import_graph
+from dync.timing import median_times, onnx_session
+
+if TYPE_CHECKING:
+    from dync.runtime.backends.ort import OrtSettings
 
 DENSITIES = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
 DENSE, SPARSE = -1.0, 2.0  # crossover inputs that force the dense branch / the row form
@@ -40,8 +44,7 @@ def measure_crossovers(
         progress(f"measuring the dense/sparse crossover of {len(blocks)} masked bottleneck(s) with onnxruntime")
     crossovers = {}
     for report in blocks:
-        session = session_from_onnx(block_model(lowered, report.node, report.inputs, report.output),
-                                    settings or OrtSettings())
+        session = onnx_session(block_model(lowered, report.node, report.inputs, report.output), settings)
         times = _block_times(session, report.inputs[-1], repeats)
         crossovers[report.node] = crossing(DENSITIES, [times[d] for d in DENSITIES], times["dense"])
         when = ("always runs the row form" if crossovers[report.node] >= 1.0
@@ -76,7 +79,7 @@ def crossing(densities: Sequence[float], sparse: Sequence[float], dense: float) 
 
 def block_model(model: onnx.ModelProto, name: str, inputs: Sequence[str], output: str) -> onnx.ModelProto:
     """The lowered block `name` alone, with its crossover constant as a scalar input."""
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     tensors = graph.tensors()
     threshold = gs.Variable(CROSSOVER_INPUT, np.float32, [])
     for node in graph.nodes:
@@ -84,9 +87,7 @@ def block_model(model: onnx.ModelProto, name: str, inputs: Sequence[str], output
     graph.inputs = [tensors[i] for i in dict.fromkeys(inputs)] + [threshold]
     graph.outputs = [tensors[output]]
     graph.cleanup().toposort()
-    cut = gs.export_onnx(graph)
-    cut.ir_version = model.ir_version
-    return cut
+    return export_graph(graph, like=model)
 
 
 def _random_input(value: object, rng: np.random.Generator) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from dync.lint import (
     load_operator_facts,
 )
 from dync.package import load_manifest
-from dync.plugins.registry import Face, OpRecord, OpRegistry
+from dync.plugins.op_registry import Face, OpRecord, OpRegistry
 from zoo.multi_exit import SingleExitNet
 
 F32, I64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
@@ -79,7 +79,7 @@ PRIVATE_OPS = OpRegistry([
 @pytest.fixture(autouse=True)
 def private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """`registry()` gives PRIVATE_OPS wherever the lint and the splicing look it up."""
-    for module in ("dync.plugins.registry", "dync.plugins.splice", "dync.lint.custom_ops"):
+    for module in ("dync.plugins.op_registry", "dync.plugins.splice", "dync.lint.custom_ops"):
         monkeypatch.setattr(importlib.import_module(module), "registry", lambda: PRIVATE_OPS)
 
 
@@ -487,22 +487,29 @@ def test_stock_export_is_tensorrt_clean(package: Path) -> None:
     assert "ops needing a plugin: none" in format_lint(report)
 
 
-def test_package_with_plugin_and_unsupported_ops(package: Path, tmp_path: Path) -> None:
-    """Extra nodes appended to a copy's stage: plugin needs come first in the table, counts add up."""
+def _with_nodes(package: Path, tmp_path: Path, nodes: Callable[[str], list[onnx.NodeProto]],
+                inputs: Sequence[onnx.ValueInfoProto] = (), outputs: Sequence[onnx.ValueInfoProto] = ()) -> Path:
+    """A copy of `package` whose first stage also has `nodes(first input name)`, reading `inputs` and writing
+    `outputs` besides its own (a `dync` opset import added)."""
     copy = tmp_path / "m.dync"
     shutil.copytree(package, copy)
     stage = load_manifest(copy).stages[0]
     model = onnx.load(copy / stage.onnx)
-    first = model.graph.input[0].name
-    model.graph.node.extend([
+    model.graph.node.extend(nodes(model.graph.input[0].name))
+    model.graph.input.extend(inputs)
+    model.graph.output.extend(outputs)
+    model.opset_import.append(helper.make_opsetid("dync", 1))
+    onnx.save(model, copy / stage.onnx)
+    return copy
+
+
+def test_package_with_plugin_and_unsupported_ops(package: Path, tmp_path: Path) -> None:
+    """Extra nodes appended to a copy's stage: plugin needs come first in the table, counts add up."""
+    copy = _with_nodes(package, tmp_path, lambda first: [
         helper.make_node("GatherConv", [first], ["gc_out"], name="gc", domain="dync"),
         helper.make_node("Compress", [first, "cond"], ["c_out"], name="compress"),
         helper.make_node("TopK", [first, "k_dyn"], ["tv", "ti"], name="topk"),
-    ])
-    model.graph.input.extend([helper.make_tensor_value_info("cond", BOOL, [2]),
-                              helper.make_tensor_value_info("k_dyn", I64, [1])])
-    model.opset_import.append(helper.make_opsetid("dync", 1))
-    onnx.save(model, copy / stage.onnx)
+    ], inputs=[helper.make_tensor_value_info("cond", BOOL, [2]), helper.make_tensor_value_info("k_dyn", I64, [1])])
     report = lint_package(copy)
     assert report.counts == {ERROR: 2, NOTE: 1}
     assert report.plugin_ops == ["Compress", "dync::GatherConv"]
@@ -515,21 +522,11 @@ def test_package_with_plugin_and_unsupported_ops(package: Path, tmp_path: Path) 
 def test_package_with_dync_plugin_ops(package: Path, tmp_path: Path) -> None:
     """A dync op with a TensorRT plugin is a note; one without is linted through its decomposition; neither is
     listed as needing a plugin."""
-    copy = tmp_path / "m.dync"
-    shutil.copytree(package, copy)
-    stage = load_manifest(copy).stages[0]
-    model = onnx.load(copy / stage.onnx)
-    first = model.graph.input[0].name
-    model.graph.node.extend([
+    copy = _with_nodes(package, tmp_path, lambda first: [
         helper.make_node("TrtRelu", [first], ["trt_out"], name="trt", domain="dync"),
         helper.make_node("PortableScatterAdd", ["sx", "su"], ["sa_out"], name="sa", domain="dync"),
-    ])
-    model.graph.input.extend([helper.make_tensor_value_info("sx", F32, [4]),
-                              helper.make_tensor_value_info("su", F32, [1])])
-    model.graph.output.extend([helper.make_tensor_value_info("trt_out", F32, None),
-                               helper.make_tensor_value_info("sa_out", F32, [4])])
-    model.opset_import.append(helper.make_opsetid("dync", 1))
-    onnx.save(model, copy / stage.onnx)
+    ], inputs=[helper.make_tensor_value_info("sx", F32, [4]), helper.make_tensor_value_info("su", F32, [1])],
+       outputs=[helper.make_tensor_value_info("trt_out", F32, None), helper.make_tensor_value_info("sa_out", F32, [4])])
     report = lint_package(copy)
     assert report.counts == {ERROR: 1, NOTE: 1} and report.plugin_ops == []
     assert [(f["code"], f["node"]) for f in report.to_json()["findings"]] == [(RESTRICTION, "sa/scatter"),

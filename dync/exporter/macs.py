@@ -14,7 +14,7 @@ from math import prod
 import onnx_graphsurgeon as gs
 
 from dync.exporter.probe import PROBE_BATCHES, Probe
-from dync.plugins.registry import DOMAIN, PLUGIN_ATTRIBUTES, registry
+from dync.plugins.op_registry import DOMAIN, PLUGIN_ATTRIBUTES, registry
 
 MacCounter = Callable[[gs.Node, Callable[[gs.Tensor], tuple[int, ...]]], int]
 MAC_COUNTERS: dict[str, MacCounter] = {}

@@ -16,7 +16,7 @@ from onnx_graphsurgeon.util.exception import OnnxGraphSurgeonException
 from dync.errors import LintError, PluginError
 from dync.lint.report import CUSTOM_OP, DYNC_PLUGIN, ERROR, NOTE, Finding, subject
 from dync.lint.rules import NodeContext
-from dync.plugins.registry import DOMAIN, OpRecord, registry
+from dync.plugins.op_registry import DOMAIN, OpRecord, registry
 from dync.plugins.splice import custom_nodes, decompose_custom_nodes
 
 

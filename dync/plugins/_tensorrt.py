@@ -9,7 +9,7 @@ import tensorrt as trt
 import tensorrt.plugin as trtp
 
 from dync.errors import PluginError
-from dync.plugins.registry import DTYPES, OpRecord
+from dync.plugins.op_registry import DTYPES, OpRecord
 
 
 def triton_dtype(dtype: trt.DataType, op: OpRecord) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Collection
 import onnx
 
 from dync.graph import Builder, export_graph, import_graph
-from dync.plugins.registry import DOMAIN, PLUGIN_ATTRIBUTES, OpRecord, registry
+from dync.plugins.op_registry import DOMAIN, PLUGIN_ATTRIBUTES, OpRecord, registry
 from dync.records import CustomOpRecord
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from dync.errors import DyncError, PluginError
 from dync.plugins import Face, OpRecord, OpRegistry, registry
-from dync.plugins.registry import DTYPES
+from dync.plugins.op_registry import DTYPES
 
 
 def _noop(*args, **kwargs):

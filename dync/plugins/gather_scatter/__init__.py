@@ -22,7 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from dync.graph import Builder
-from dync.plugins.registry import Face, OpRecord
+from dync.plugins.op_registry import Face, OpRecord
 
 OPSET = 18  # Shape's start/end need 15
 

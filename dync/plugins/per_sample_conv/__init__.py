@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from dync.errors import PluginError
 from dync.graph import Builder
-from dync.plugins.registry import Face, OpRecord
+from dync.plugins.op_registry import Face, OpRecord
 
 OPSET = 18
 

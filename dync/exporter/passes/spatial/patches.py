@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from dync.exporter.passes.spatial.match import Block, Ineligible, static_hw
 from dync.graph import Builder, producer
-from dync.plugins.registry import registry
+from dync.plugins.op_registry import registry
 
 
 def emit_patches(graph: gs.Graph, block: Block) -> None:

@@ -128,7 +128,7 @@ class OpRecord:
         """Invariants the registry checks when it is built, so that a mistake shows on any machine."""
         unknown = [d for d in self.dtypes if d not in DTYPES]
         if unknown:
-            raise PluginError(f"Plugin op {self.name} declares element types {unknown} that dync.plugins.registry "
+            raise PluginError(f"Plugin op {self.name} declares element types {unknown} that dync.plugins.op_registry "
                               f"cannot map to TensorRT and Triton; use some of {', '.join(DTYPES)} or add them there.")
         if self.translation is not None and self.reference is None:
             raise PluginError(f"Plugin op {self.name} has a translation but no reference op to translate; add the "

@@ -266,6 +266,19 @@ def test_dync_op_with_a_tensorrt_plugin_is_a_note(facts) -> None:
     assert finding.message.endswith(".") and finding.message.count(";") == 1
 
 
+@pytest.mark.parametrize(("attrs", "asked"), [
+    ({"plugin_version": "2", "plugin_namespace": "dync"}, "'2' in namespace 'dync'"),
+    ({}, "'1' in namespace ''"),
+])
+def test_dync_node_asking_for_another_plugin_version_or_namespace_is_an_error(facts, attrs: dict, asked: str) -> None:
+    """TensorRT finds plugins by (op, version, namespace), with version "1" and namespace "" by default."""
+    node = helper.make_node("TrtRelu", ["x"], ["y"], name="p", domain="dync", **attrs)
+    (finding,) = lint_model(Graph([node], image()).model(), facts)
+    assert (finding.severity, finding.code, finding.op) == (ERROR, CUSTOM_OP, "dync::TrtRelu")
+    assert f"asks TensorRT for plugin TrtRelu version {asked}" in finding.message
+    assert "dync registers version '1' in namespace 'dync'; re-export" in finding.message
+
+
 def test_dync_op_without_a_tensorrt_plugin_is_linted_through_its_decomposition(facts) -> None:
     graph = Graph([_dync_node("PortableScatterAdd", ["x", "u"])], {"x": (F32, [4]), "u": (F32, [1])},
                   output_types={"y": F32})
@@ -523,7 +536,8 @@ def test_package_with_dync_plugin_ops(package: Path, tmp_path: Path) -> None:
     """A dync op with a TensorRT plugin is a note; one without is linted through its decomposition; neither is
     listed as needing a plugin."""
     copy = _with_nodes(package, tmp_path, lambda first: [
-        helper.make_node("TrtRelu", [first], ["trt_out"], name="trt", domain="dync"),
+        helper.make_node("TrtRelu", [first], ["trt_out"], name="trt", domain="dync", plugin_version="1",
+                         plugin_namespace="dync"),
         helper.make_node("PortableScatterAdd", ["sx", "su"], ["sa_out"], name="sa", domain="dync"),
     ], inputs=[helper.make_tensor_value_info("sx", F32, [4]), helper.make_tensor_value_info("su", F32, [1])],
        outputs=[helper.make_tensor_value_info("trt_out", F32, None), helper.make_tensor_value_info("sa_out", F32, [4])])

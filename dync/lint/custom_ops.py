@@ -39,9 +39,26 @@ def decompose_portable_ops(model: onnx.ModelProto, stage: str) -> onnx.ModelProt
 
 
 def custom_op_finding(ctx: NodeContext) -> Finding:
-    """A note for a `dync::` op that runs through dync's TensorRT plugin; an error for any other custom op."""
+    """A note for a `dync::` op that runs through dync's TensorRT plugin; an error for any other custom op and
+    for a `dync::` node that asks for another version or namespace of the plugin than dync registers."""
     record = _tensorrt_plugin_op(ctx.node)
-    return _dync_plugin_note(ctx, record) if record is not None else _missing_plugin_error(ctx)
+    if record is None:
+        return _missing_plugin_error(ctx)
+    asked = (ctx.attr("plugin_version", "1"), ctx.attr("plugin_namespace", ""))  # the parser's defaults
+    if asked != (record.version, record.namespace):
+        return _plugin_mismatch_error(ctx, record, asked)
+    return _dync_plugin_note(ctx, record)
+
+
+def _plugin_mismatch_error(ctx: NodeContext, record: OpRecord, asked: tuple[str, str]) -> Finding:
+    """TensorRT finds a plugin by (op, version, namespace): a node asking for another one finds none."""
+    return Finding(
+        ctx.stage, ctx.label, f"{DOMAIN}::{record.name}", ERROR,
+        f"node '{ctx.label}' asks TensorRT for plugin {record.name} version {asked[0]!r} in namespace "
+        f"{asked[1]!r}, but dync registers version {record.version!r} in namespace {record.namespace!r}; "
+        "re-export the package with this dync.",
+        CUSTOM_OP,
+    )
 
 
 def _tensorrt_plugin_op(node: onnx.NodeProto) -> OpRecord | None:

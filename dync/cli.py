@@ -102,9 +102,12 @@ def main() -> None:
               help="Mask density above which a lowered block runs dense: 'auto' measures it per block here.")
 @click.option("--no-pass", "skip_passes", multiple=True, metavar="NAME",
               help="Skip an exporter pass (spatial, tokens, attention); repeat for several.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the package against eager PyTorch at the example batch and batches 1 and 3 before "
+                   "writing it.")
 def export(model: Path, output: Path, input_shape: list[int] | None, exits: list[int] | None,
            name: str | None, lower_spatial: bool, ops: str, spatial_crossover: float | None,
-           skip_passes: tuple[str, ...]) -> None:
+           skip_passes: tuple[str, ...], verify: bool) -> None:
     """Export MODEL (torch.save'd module, TorchScript or .pt2) to a .dync package.
 
     Loading a pickled module runs code from the file: only export models you trust.
@@ -115,7 +118,8 @@ def export(model: Path, output: Path, input_shape: list[int] | None, exits: list
     with warnings.catch_warnings():
         warnings.showwarning = _echo_warning
         run_export(model, output, input_shape or DEFAULT_INPUT_SHAPE, exits=exits, name=name, progress=_progress,
-                   lower_spatial=lower_spatial, ops=ops, spatial_crossover=spatial_crossover, skip_passes=skip_passes)
+                   lower_spatial=lower_spatial, ops=ops, spatial_crossover=spatial_crossover, skip_passes=skip_passes,
+                   verify=verify)
     _print_summary(output)
 
 

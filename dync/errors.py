@@ -65,3 +65,8 @@ class SpatialLoweringWarning(UserWarning):
 
 class TokenLoweringWarning(SpatialLoweringWarning):
     """A gated token MLP the token-dispatch pass found but left as it is; the message names the node and why."""
+
+
+class PassUndoneWarning(UserWarning):
+    """An exporter pass changed a stage's outputs, so export took its rewrite of that stage back; the message
+    names the pass, the stage and the error."""

@@ -3,7 +3,8 @@ plugin splicing. onnx-graphsurgeon underneath; torch-free.
 
 * import and export: `import_graph` (optionally with inferred shapes) and `export_graph`, which carries over
   what graphsurgeon drops (IR version, model and value metadata);
-* queries: `default_opset`, `producer`, `only_consumer`, `constant`, `scalar`, `all_ones`, `shape_of`, `rank`;
+* queries: `default_opset`, `producer`, `only_consumer`, `constant`, `scalar`, `all_ones`, `shape_of`, `rank`,
+  `source_line` (the model source line torch.onnx recorded for a node);
 * building: `Builder`, which appends named nodes and constants to a graph's (or a branch's) node list.
 """
 
@@ -17,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
 # --------------------------------------------------------------------------------------------- import, export
@@ -94,6 +96,14 @@ def shape_of(tensor: gs.Tensor) -> list | None:
 def rank(tensor: gs.Tensor) -> int | None:
     shape = shape_of(tensor)
     return None if shape is None else len(shape)
+
+
+def source_line(node: onnx.NodeProto) -> str:
+    """The innermost frame of the stack trace torch.onnx keeps in a node's metadata ('File "f.py", line 3, in
+    g'), empty when the node has none (a node dync wrote, or a model from elsewhere)."""
+    trace = next((p.value for p in node.metadata_props if p.key == STACK_TRACE_KEY), "")
+    frames = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
+    return frames[-1] if frames else ""
 
 
 # --------------------------------------------------------------------------------------------- building

@@ -15,7 +15,7 @@ import functools
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 R = TypeVar("R")
@@ -140,7 +140,8 @@ class CustomOpRecord:
 
 @dataclass(frozen=True)
 class VerificationRecord:
-    """Worst errors against eager PyTorch per exit path and for the mixed (compacted) run."""
+    """Worst errors against eager PyTorch per exit path and for the mixed (compacted) run, over the batch
+    sizes checked (`batches`; `batch` is the last of them)."""
 
     max_abs_error: list[float]
     max_rel_error: list[float]
@@ -151,6 +152,7 @@ class VerificationRecord:
     atol: float
     passed: bool
     checked: str
+    batches: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -174,16 +176,22 @@ class CalibrationRecord:
 
 
 class PassRecord:
-    """What a pass did with one candidate. Subclasses are frozen dataclasses with a `node` field and say, for
-    `dync inspect`, what the pass does (`SUMMARY`, formatted with the applied and total counts) and what is
-    worth a line per record (`detail`)."""
+    """What a pass did with one candidate. Subclasses are frozen dataclasses with a `node` field, a boolean
+    field named by `APPLIED` and a `reason`, and say, for `dync inspect`, what the pass does (`SUMMARY`,
+    formatted with the applied and total counts) and what is worth a line per record (`detail`)."""
 
     SUMMARY: ClassVar[str] = "{applied} of {total} applied"
+    APPLIED: ClassVar[str]
+    """The name of the boolean field that says whether the pass rewrote this candidate."""
     node: str
 
     @property
     def applied(self) -> bool:
-        raise NotImplementedError
+        return bool(getattr(self, self.APPLIED))
+
+    def undone(self, reason: str) -> PassRecord:
+        """This record for a rewrite that export's check took back: not applied, and why."""
+        return dataclasses.replace(self, **{self.APPLIED: False, "reason": reason})
 
     def detail(self) -> str | None:
         return None
@@ -203,14 +211,11 @@ class SpatialRecord(PassRecord):
     lowered block runs dense (portable form)."""
 
     SUMMARY: ClassVar[str] = "masked bottlenecks: {applied} of {total} lowered to gather-scatter"
+    APPLIED: ClassVar[str] = "lowered"
     node: str
     lowered: bool
     reason: str
     crossover: float | None = None
-
-    @property
-    def applied(self) -> bool:
-        return self.lowered
 
     def detail(self) -> str | None:
         if not self.lowered:
@@ -225,14 +230,11 @@ class TokenRecord(PassRecord):
     """A gated token MLP (DyT-style dispatch), named by its residual Add: lowered or why not."""
 
     SUMMARY: ClassVar[str] = "token dispatches: {applied} of {total} run their MLP on the kept tokens only"
+    APPLIED: ClassVar[str] = "lowered"
     node: str
     lowered: bool
     reason: str
     mlp_nodes: int = 0
-
-    @property
-    def applied(self) -> bool:
-        return self.lowered
 
     def detail(self) -> str | None:
         return None if self.lowered else f"dense, {self.reason}"
@@ -261,15 +263,12 @@ class AttentionRecord(PassRecord):
 
     SUMMARY: ClassVar[str] = ("softmax attentions: {applied} of {total} fused into ONNX Attention "
                               "(where measured faster)")
+    APPLIED: ClassVar[str] = "fused"
     node: str
     fused: bool
     shape: AttentionShape | None
     fused_over_unfused: float | None = None
     reason: str = ""
-
-    @property
-    def applied(self) -> bool:
-        return self.fused
 
     def detail(self) -> str | None:
         if self.reason:

@@ -72,7 +72,8 @@ def test_inspect_json(cli_export: CliExport) -> None:
     assert exits[-1]["fraction_of_full"] == 1.0
     assert [s["name"] for s in description["stages"]] == ["stage0", "stage1", "stage2"]
     assert description["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["batch", *SAMPLE_SHAPE]}]
-    assert description["verification"] is None
+    assert description["verification"]["passed"] is True, "export verifies the package it writes"
+    assert description["verification"]["batches"] == [4, 1, 3]
 
 
 def test_inspect_text(cli_export: CliExport) -> None:
@@ -84,7 +85,7 @@ def test_inspect_text(cli_export: CliExport) -> None:
         assert f"| {k} | stage{k} |" in text
     assert "100.0%" in text
     assert "thresholds: none stored" in text
-    assert "verification: not run" in text
+    assert "verification: passed" in text
 
 
 def test_run_writes_what_the_engine_computes(cli_export: CliExport, tmp_path: Path) -> None:

@@ -356,4 +356,4 @@ def test_verify_against_a_model_that_disagrees(cli_export: CliExport, tmp_path: 
     torch.manual_seed(5)
     with pytest.raises(VerificationError, match="disagrees with eager PyTorch"):
         verify(dync.load(package), TinyMultiExit().eval(), record=False)
-    assert dync.load(package).manifest.verification is None
+    assert dync.load(package).manifest.verification == dync.load(cli_export.package).manifest.verification

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import shutil
+import tempfile
+import warnings
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
@@ -13,13 +16,14 @@ import onnx
 import onnxruntime
 import torch
 
-from dync.errors import ExportError, InputError
-from dync.exporter.capture import capture
+from dync.errors import ExportError, InputError, PassUndoneWarning, VerificationError
+from dync.exporter.capture import Captured, capture
 from dync.exporter.loading import eval_mode, load_model
 from dync.exporter.partition import Stage, partition
-from dync.exporter.passes import FORMS, PASSES, PassContext
+from dync.exporter.passes import FORMS, PASSES, Pass, PassContext
 from dync.exporter.passes.spatial import check_crossover
 from dync.exporter.probe import Probe, probe_graph
+from dync.exporter.verification import StageCheck, check_package, disagreement, first_batch_dependence
 from dync.graph import default_opset
 from dync.package import (
     BATCH_DIM,
@@ -32,7 +36,8 @@ from dync.package import (
     write_manifest,
 )
 from dync.plugins.splice import custom_ops_used, decompose_custom_nodes
-from dync.records import PassRecord, Provenance
+from dync.records import PassRecord, Provenance, VerificationRecord
+from dync.runtime.engine import Engine
 from dync.version import __version__
 
 DEFAULT_INPUT_SHAPE = (16, 3, 32, 32)
@@ -52,6 +57,7 @@ def export(
     ops: str = "portable",
     spatial_crossover: float | None = None,
     skip_passes: Collection[str] = (),
+    verify: bool = True,
 ) -> Path:
     """Export `model` (a module or a model file) to the package directory `output` and return its path.
 
@@ -63,6 +69,11 @@ def export(
     (standard ONNX, for onnxruntime: each masked block runs dense when the batch's mask density is above its
     crossover, measured here unless `spatial_crossover` fixes one for all blocks) or "plugins" (`dync::`
     nodes for TensorRT's plugins; onnxruntime runs their decomposition).
+
+    With `verify` (the default), the package is checked against eager PyTorch before it is written, at the
+    example batch and at batches 1 and 3, every exit path forced and one mixed run; a package that disagrees
+    is not written, and the error names the first tensor of the captured graph that depends on the batch
+    (with its model source line) when there is one. The record goes into the manifest.
     """
     report = progress or (lambda message: None)
     input_shape = _checked_shape(input_shape)
@@ -84,15 +95,50 @@ def export(
     report(f"partitioning into {len(captured.exit_names)} stage(s)")
     stages = partition(captured.model, captured.exit_names, probe, labels=exits)
     context = PassContext(form=ops, whole_model=captured.model, progress=report, spatial_crossover=spatial_crossover)
-    records = _run_passes(stages, context, skipped)
+    check = StageCheck.on_random_input(stages, captured.input_name, (3, *input_shape[1:])) if verify else None
+    records = _run_passes(stages, context, skipped, check)
     output = Path(output)
     package_name = name or output.name.removesuffix(".dync")
     manifest = _manifest(package_name, captured.input_name, input_shape, stages, probe, source, exits)
     manifest.passes = records
     manifest.custom_ops = custom_ops_used([s.model for s in stages])
-    _write_package(output, manifest, stages)
+    _check_output(output)
+    staged = _write_staged(output, manifest, stages)
+    try:
+        if verify:
+            report("verifying the package against eager PyTorch")
+            manifest.verification = _verified(staged, model, captured, example, progress=report)
+            write_manifest(staged, manifest)
+        _replace(output, staged)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     report(f"wrote {output}")
     return output
+
+
+VERIFY_BATCHES = (1, 3)
+"""Besides the example's: one sample, and a size the capture did not see."""
+
+
+def _verified(package: Path, model: torch.nn.Module, captured: Captured, example: torch.Tensor,
+              progress: Progress) -> VerificationRecord:
+    """The package's verification record at the example batch and VERIFY_BATCHES; VerificationError when it
+    disagrees, naming where the captured graph depends on the batch if it does."""
+    engine = Engine.load(package)
+    rng = np.random.default_rng(0)
+    sizes = [b for b in VERIFY_BATCHES if b != len(example)]
+    inputs = [example.numpy(), *(rng.standard_normal((b, *example.shape[1:])).astype(np.float32) for b in sizes)]
+    record = check_package(engine, model, inputs, progress=progress)
+    if record.passed:
+        return record
+    dependence = first_batch_dependence(captured.model, {captured.input_name: example.numpy()})
+    if dependence is None:
+        raise disagreement(engine.manifest.name, record)
+    raise VerificationError(
+        f"{disagreement(engine.manifest.name, record)} The captured graph depends on the batch: "
+        f"{dependence.describe()}; write that line so that the batch stays symbolic (take it from x.shape[0] "
+        "or let view/reshape infer it with -1), or export with --no-verify if you know why."
+    )
 
 
 def _checked_passes(skip_passes: Collection[str], lower_spatial: bool) -> set[str]:
@@ -103,19 +149,58 @@ def _checked_passes(skip_passes: Collection[str], lower_spatial: bool) -> set[st
     return {*skip_passes, *(() if lower_spatial else ("spatial",))}
 
 
-def _run_passes(stages: list[Stage], context: PassContext, skipped: Collection[str]) -> dict[str, list[PassRecord]]:
+def _run_passes(stages: list[Stage], context: PassContext, skipped: Collection[str],
+                check: StageCheck | None) -> dict[str, list[PassRecord]]:
     """Run each stage through the passes that serve the context's form, in place; every pass's records, by name.
 
     Passes run after probing and partitioning, so that both see only static shapes and each stage's MACs are
-    those of the dense model (what a mask saves depends on the input).
+    those of the dense model (what a mask saves depends on the input). With `check`, every rewrite is
+    checked (`_checked_run`): a pass may fail to apply, never make a package wrong.
     """
     records: dict[str, list[PassRecord]] = {}
-    for stage in stages:
+    for k, stage in enumerate(stages):
         for each in PASSES:
             if context.form in each.forms and each.name not in skipped:
-                stage.model, found = each.run(stage.model, context)
+                stage.model, found = _checked_run(each, stage, k, context, check)
                 records.setdefault(each.name, []).extend(found)
     return {name: found for name, found in records.items() if found}
+
+
+def _checked_run(each: Pass, stage: Stage, k: int, context: PassContext,
+                 check: StageCheck | None) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """`each` on the stage; when its rewrite changes the stage's outputs, the candidates whose rewrite alone does
+    so are found, left as they are (a warning names each) and the pass runs again without them. If the
+    outputs still differ (candidates that are wrong only together), the whole rewrite of the stage is undone."""
+    rewritten, found = each.run(stage.model, context)
+    problem = None if check is None or rewritten is stage.model else check.compare(k, stage.model, rewritten)
+    if problem is None:
+        return rewritten, list(found)
+    applied = [r.node for r in found if r.applied]
+    culprits = {node: why for node in applied
+                if (why := _alone_differs(each, stage, k, context, check, set(applied) - {node})) is not None}
+    for node, why in culprits.items():
+        warnings.warn(f"pass {each.name} changed the outputs of {stage.name} at {node} ({why}); that rewrite is "
+                      "undone, the node stays as it was.", PassUndoneWarning, stacklevel=2)
+    context.skip.setdefault(each.name, set()).update(culprits)
+    rewritten, kept = each.run(stage.model, context)
+    undone = [r.undone(f"undone: the rewritten stage {culprits[r.node]}") for r in found if r.node in culprits]
+    if culprits and check.compare(k, stage.model, rewritten) is None:
+        return rewritten, [*kept, *undone]
+    warnings.warn(f"pass {each.name} changed the outputs of {stage.name} ({problem}); its rewrite of that stage is "
+                  "undone.", PassUndoneWarning, stacklevel=2)
+    return stage.model, [r.undone(f"undone: the rewritten stage {problem}") if r.applied else r for r in found]
+
+
+def _alone_differs(each: Pass, stage: Stage, k: int, context: PassContext, check: StageCheck,
+                   others: set[str]) -> str | None:
+    """What differs when `each` rewrites the stage with every applied candidate in `others` left out (a trial:
+    its progress and warnings are not the user's)."""
+    trial = dataclasses.replace(context, progress=lambda message: None,
+                                skip={**context.skip, each.name: context.skipped(each.name) | others})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rewritten, _ = each.run(stage.model, trial)
+    return None if rewritten is stage.model else check.compare(k, stage.model, rewritten)
 
 
 def _checked_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -182,13 +267,24 @@ def _provenance(source: Path | None, input_shape: tuple[int, ...], model: onnx.M
     )
 
 
-def _write_package(output: Path, manifest: Manifest, stages: list[Stage]) -> None:
-    """Replace `output` only if it is absent, empty or an earlier package, never an unrelated directory."""
-    if output.exists():
-        if not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_FILE).exists()):
-            raise ExportError(f"{output} exists and is not a dync package; choose another -o path or remove it.")
-        shutil.rmtree(output)
-    (output / STAGES_DIR).mkdir(parents=True)
+def _check_output(output: Path) -> None:
+    """`output` may be absent, empty or an earlier package, never an unrelated file or directory."""
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_FILE).exists())):
+        raise ExportError(f"{output} exists and is not a dync package; choose another -o path or remove it.")
+
+
+def _write_staged(output: Path, manifest: Manifest, stages: list[Stage]) -> Path:
+    """The package written beside `output` (same file system), to be verified before it replaces `output`."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    (staged / STAGES_DIR).mkdir()
     for spec, stage in zip(manifest.stages, stages, strict=True):
-        onnx.save_model(stage.model, output / spec.onnx)
-    write_manifest(output, manifest)
+        onnx.save_model(stage.model, staged / spec.onnx)
+    write_manifest(staged, manifest)
+    return staged
+
+
+def _replace(output: Path, staged: Path) -> None:
+    if output.exists():
+        shutil.rmtree(output)
+    staged.rename(output)

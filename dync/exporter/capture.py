@@ -120,7 +120,40 @@ def capture(model: torch.nn.Module, example: torch.Tensor, exits: Sequence[int] 
         raise _explain_capture_failure(exc) from exc
     graph_outputs = [o.name for o in program.model_proto.graph.output]
     assert graph_outputs == exit_names, f"capture renamed the exits: {graph_outputs}"
+    _check_batch_kept(program.model_proto, wrapped, example)
     return Captured(model=program.model_proto, input_name=INPUT_NAME, exit_names=exit_names)
+
+
+def _check_batch_kept(model: onnx.ModelProto, wrapped: torch.nn.Module, example: torch.Tensor) -> None:
+    """torch.onnx falls back to a static batch when torch.export specializes it; such a graph takes one batch
+    size only, so it is refused with the source line that fixed the batch."""
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    if batch.HasField("dim_value"):
+        site = _specialization_site(wrapped, example)
+        raise CaptureError(
+            f"the forward fixes the batch size to the example's {batch.dim_value}{site}, so the package would "
+            "take no other batch; compute the batch from x.shape[0] with integer arithmetic (a // b, not "
+            "int(a / b)) or let view/reshape infer it with -1."
+        )
+
+
+def _specialization_site(model: torch.nn.Module, example: torch.Tensor) -> str:
+    """' at FILE:LINE (`code`)': the first model line where torch.export specialized the batch, found by
+    tracing once more with `torch.export.draft_export`, which records each guard with its user stack; empty
+    when it records none."""
+    with quiet_torch_onnx():
+        try:
+            report = torch.export.draft_export(model, (example,), dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},),
+                                               strict=False)._report
+        except Exception as exc:  # the site is a hint on top of the error, which stands without it
+            return f" (torch.export.draft_export could not locate the line: {type(exc).__name__})"
+    for failure in report.failures:
+        frames = failure.data.get("user_stack") if isinstance(failure.data, dict) else None
+        if frames:
+            frame = frames[-1]
+            file = report.str_to_filename.get(frame["filename"]) or _interned_filenames().get(frame["filename"], "?")
+            return f" at {file}:{frame['line']} (`{frame['loc']}`)"
+    return ""
 
 
 def _explain_capture_failure(exc: Exception) -> CaptureError:
@@ -166,15 +199,25 @@ def _user_frame(text: str) -> str:
     return ""
 
 
+def _interned_filenames() -> dict[int, str]:
+    """torch's structured logs name files by interned ids; a file interned by an earlier trace in this process
+    is not in the draft report's own table."""
+    from torch._logging.structured import INTERN_TABLE
+
+    return {index: name for name, index in INTERN_TABLE.items()}
+
+
 @contextlib.contextmanager
 def quiet_torch_onnx():
-    """torch.onnx prints progress and warnings of its own; dync reports its own steps."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """torch.onnx and torch.export print progress and warnings of their own; dync reports its own steps."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -8,6 +8,7 @@ stages, because compaction indexes them by sample.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,13 @@ import onnxruntime as ort
 from polygraphy import constants
 from polygraphy.backend.onnx import modify_outputs
 
+from dync.errors import CaptureError
+from dync.graph import source_line
+
 PROBE_BATCHES = (2, 3)
+ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+              ort.capi.onnxruntime_pybind11_state.RuntimeException)
+"""What onnxruntime raises when a graph cannot run on the inputs it is given."""
 
 
 @dataclass
@@ -43,7 +50,10 @@ def probe_graph(model: onnx.ModelProto, input_name: str, sample_shape: tuple[int
     runs = []
     for batch in PROBE_BATCHES:
         x = rng.standard_normal((batch, *sample_shape)).astype(np.float32)
-        runs.append(dict(zip(names, session.run(names, {input_name: x}), strict=True)))
+        try:
+            runs.append(dict(zip(names, session.run(names, {input_name: x}), strict=True)))
+        except ORT_ERRORS as exc:
+            raise _refused(model, batch, exc) from exc
     first, second = runs
     batched = {
         name
@@ -66,4 +76,18 @@ def _follows_batch(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> bool:
         and shape_a[0] == b1
         and shape_b[0] == b2
         and shape_a[1:] == shape_b[1:]
+    )
+
+
+def _refused(model: onnx.ModelProto, batch: int, exc: Exception) -> CaptureError:
+    """The captured graph does not run at `batch`: name the node onnxruntime blamed and its source line."""
+    text = str(exc)
+    blamed = re.search(r"Node \(([^)]*)\)", text)
+    node = next((n for n in model.graph.node if blamed and n.name == blamed.group(1)), None)
+    where = "" if node is None else f" at {node.op_type} node '{node.name}'" + (
+        f" ({source_line(node)})" if source_line(node) else "")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return CaptureError(
+        f"the captured graph does not run at batch {batch}{where} ({first}); the forward most likely fixes the "
+        "batch size there: compute it from x.shape[0] with integer arithmetic or let view/reshape infer it with -1."
     )

@@ -32,5 +32,5 @@ class AttentionPass:
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> tuple[onnx.ModelProto, list[AttentionRecord]]:
         faster = context.once("attention forms", lambda: FasterForm(progress=context.progress))
-        fused, records = fuse_attention(model, faster)
+        fused, records = fuse_attention(model, faster, skip=context.skipped(self.name))
         return fused, [dataclasses.replace(r, fused_over_unfused=faster.ratios.get(r.shape)) for r in records]

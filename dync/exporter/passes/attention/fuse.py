@@ -30,7 +30,7 @@ unchanged with every match recorded as unfused, the converter's complaint as the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,14 +78,15 @@ class _Match:
     output: gs.Tensor
 
 
-def fuse_attention(model: onnx.ModelProto, choose: Choice = fuse_all) -> tuple[onnx.ModelProto,
-                                                                              list[AttentionRecord]]:
+def fuse_attention(model: onnx.ModelProto, choose: Choice = fuse_all,
+                   skip: Collection[str] = ()) -> tuple[onnx.ModelProto, list[AttentionRecord]]:
     """The model with the matching softmax attentions that `choose` picks fused, and a record per match.
 
     `choose` sees each match's static shape; a match whose shape is not static is fused without asking.
+    Matches whose Softmax is named in `skip` are left as they are, without a record.
     """
-    matches = _find_matches(import_graph(model, infer_shapes=True)) if default_opset(model) >= \
-        SOFTMAX_LAST_AXIS_OPSET else []
+    matches = [m for m in _find_matches(import_graph(model, infer_shapes=True)) if _softmax_name(m) not in skip] \
+        if default_opset(model) >= SOFTMAX_LAST_AXIS_OPSET else []
     if not matches:
         return model, []
     try:
@@ -97,6 +98,8 @@ def fuse_attention(model: onnx.ModelProto, choose: Choice = fuse_all) -> tuple[o
     graph = import_graph(converted, infer_shapes=True)
     reports = []
     for index, match in enumerate(_find_matches(graph)):  # in graph order: an earlier 3-D output is a head view
+        if _softmax_name(match) in skip:
+            continue
         views = _head_views(match)
         name, shape = _softmax_name(match), _attention_shape(match, views is not None)
         fused = shape is None or choose(shape)

@@ -46,7 +46,8 @@ class SpatialPass:
     forms = FORMS
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> tuple[onnx.ModelProto, list[SpatialRecord]]:
-        lowered, reports = lower_masked_bottlenecks(model, context.form, self._crossover(context))
+        lowered, reports = lower_masked_bottlenecks(model, context.form, self._crossover(context),
+                                                    skip=context.skipped(self.name))
         for block in reports:
             if block.lowered:
                 context.progress(f"masked bottleneck {block.node}: lowered")

@@ -3,7 +3,7 @@ docstring), with one `LoweringReport` per candidate."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import onnx
@@ -32,7 +32,8 @@ class LoweringReport:
 
 
 def lower_masked_bottlenecks(
-    model: onnx.ModelProto, ops: str = "portable", crossover: float | Mapping[str, float] = ALWAYS_SPARSE
+    model: onnx.ModelProto, ops: str = "portable", crossover: float | Mapping[str, float] = ALWAYS_SPARSE,
+    skip: Collection[str] = (),
 ) -> tuple[onnx.ModelProto, list[LoweringReport]]:
     """Lower every eligible masked bottleneck of `model`; returns the new model and one report per candidate.
 
@@ -40,14 +41,15 @@ def lower_masked_bottlenecks(
     writes it, BatchNorms folded into conv biases. Guarantee: graph inputs and outputs (names, shapes, the
     dynamic batch dim) are unchanged and every output equals the input model's up to float summation
     order. `crossover` (portable form only) is the mask density above which a block runs dense, one value
-    or one per block name (missing names get ALWAYS_SPARSE). `model` itself is not modified.
+    or one per block name (missing names get ALWAYS_SPARSE). Blocks named in `skip` are left as they are,
+    without a report. `model` itself is not modified.
     """
     if ops not in FORMS:
         raise SpatialLoweringError(f"Unknown spatial ops form {ops!r}; use one of {', '.join(FORMS)}.")
     _check_opset(model)
     graph = import_graph(model, infer_shapes=True)
     reports = []
-    for relu in list(candidates(graph)):
+    for relu in [r for r in candidates(graph) if r.name not in skip]:
         try:
             block = match(relu)
             value = _crossover_for(block, crossover)
@@ -61,6 +63,8 @@ def lower_masked_bottlenecks(
             continue
         reports.append(LoweringReport(relu.name, True, f"lowered ({ops})", value if ops == "portable" else None,
                                       inputs, output))
+    if not any(r.lowered for r in reports):
+        return model, reports
     graph.cleanup().toposort()
     return export_graph(graph, like=model), reports
 

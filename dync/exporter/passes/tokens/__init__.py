@@ -13,7 +13,7 @@ apart from the batch and export as they are.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import onnx
 
@@ -29,18 +29,20 @@ __all__ = ["TokenPass", "lower_token_dispatch", "report_dispatches"]
 MIN_OPSET = 16  # ScatterND reduction="add"
 
 
-def lower_token_dispatch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[TokenRecord]]:
+def lower_token_dispatch(model: onnx.ModelProto, skip: Collection[str] = ()) -> tuple[onnx.ModelProto,
+                                                                                     list[TokenRecord]]:
     """Lower every eligible token dispatch of `model`; returns the new model and one report per candidate.
 
     Precondition: an ONNX model as `torch.onnx.export(dynamo=True)` writes it. Guarantee: graph inputs and
     outputs (names, shapes, the dynamic batch dim) are unchanged and every output equals the input model's
-    up to float summation order. `model` itself is not modified.
+    up to float summation order. Candidates named in `skip` are left as they are, without a report. `model`
+    itself is not modified.
     """
     graph = import_graph(model, infer_shapes=True)
     order = Order(graph)
     opset = default_opset(model)
     reports = []
-    for add in list(candidates(graph)):
+    for add in [a for a in candidates(graph) if a.name not in skip]:
         try:
             if opset < MIN_OPSET:
                 raise Ineligible(f"the model's opset {opset} has no ScatterND add (needs {MIN_OPSET}); re-export "
@@ -78,6 +80,6 @@ class TokenPass:
     forms = ("portable",)
 
     def run(self, model: onnx.ModelProto, context: PassContext) -> tuple[onnx.ModelProto, list[TokenRecord]]:
-        lowered, records = lower_token_dispatch(model)
+        lowered, records = lower_token_dispatch(model, skip=context.skipped(self.name))
         report_dispatches(records, context.progress)
         return lowered, records

@@ -1,0 +1,224 @@
+"""Checking a package against the eager model it came from, and finding where a captured graph went wrong.
+
+`check_package` runs every exit path (every sample forced to each exit in turn) and one mixed run (the
+batch split evenly over the exits, which exercises compaction) on each of several batches, and compares
+with eager PyTorch, tolerances relative to the output scale. Export runs it before a package is written;
+`dync verify` runs it on demand.
+
+When the package disagrees, `first_batch_dependence` says where: a graph whose samples do not interact
+computes, for the first n samples of a batch, exactly what it computes on those n samples alone. The first
+tensor (in graph order) that breaks this, by its shape or its values, is where the capture fixed the batch
+or mixed samples, and torch.onnx keeps the source line that made it in the node's metadata.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from polygraphy import constants
+from polygraphy.backend.onnx import modify_outputs
+
+from dync.calib.thresholds import even_split_thresholds
+from dync.errors import VerificationError
+from dync.exporter.capture import eager_exits
+from dync.exporter.probe import ORT_ERRORS
+from dync.graph import source_line
+from dync.plugins.splice import decompose_custom_nodes
+from dync.records import VerificationRecord
+from dync.runtime.engine import Engine
+from dync.runtime.exit_rule import forcing_thresholds
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-5
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BatchErrors:
+    """Worst absolute errors on one batch: per forced exit, and of the mixed run."""
+
+    batch: int
+    forced: list[float]
+    relative: list[float]
+    mixed: float
+    mixed_exit_counts: list[int]
+    scale: float
+
+
+def eager_reference(model: torch.nn.Module, x: np.ndarray, exits: Sequence[int] | None) -> list[np.ndarray]:
+    """Every exit's eager output on `x`, as numpy."""
+    return [o.numpy() for o in eager_exits(model, torch.from_numpy(x), exits)]
+
+
+def batch_errors(engine: Engine, reference: list[np.ndarray], x: np.ndarray) -> BatchErrors:
+    """The package on `x` against eager's `reference`: each exit forced, then the batch split over the exits."""
+    num_exits = engine.num_exits
+    if len(reference) != num_exits:
+        raise VerificationError(
+            f"the model has {len(reference)} exits but package '{engine.manifest.name}' has {num_exits}; "
+            "verify against the model the package was exported from."
+        )
+    forced = [_max_abs(engine.execute(x, forcing_thresholds(k, num_exits)).logits, reference[k])
+              for k in range(num_exits)]
+    relative = [error / max(float(np.abs(r).max()), 1e-12) for error, r in zip(forced, reference, strict=True)]
+    mixed = engine.execute(x, even_split_thresholds([e.criterion for e in engine.manifest.exits], reference))
+    expected = np.stack(reference)[mixed.exit, np.arange(len(x))]
+    return BatchErrors(len(x), forced, relative, _max_abs(mixed.logits, expected),
+                       np.bincount(mixed.exit, minlength=num_exits).tolist(),
+                       max(float(np.abs(r).max()) for r in reference))
+
+
+def check_package(engine: Engine, model: torch.nn.Module, inputs: Sequence[np.ndarray], rtol: float = DEFAULT_RTOL,
+                  atol: float = DEFAULT_ATOL, progress: Progress | None = None) -> VerificationRecord:
+    """The verification record of `engine` against eager `model` over each batch of `inputs`: worst errors
+    over all batches, passed when every error is within `atol + rtol * max |reference|` of its batch."""
+    report = progress or (lambda message: None)
+    results = []
+    for x in inputs:
+        engine.check_input(x)
+        result = batch_errors(engine, eager_reference(model, x, engine.manifest.exit_selection), x)
+        if len(inputs) == 1:
+            for k, (error, relative) in enumerate(zip(result.forced, result.relative, strict=True)):
+                report(f"exit {k}: max abs error {error:.3g}, relative {relative:.3g}")
+            report(f"mixed run (exits {result.mixed_exit_counts}): max abs error {result.mixed:.3g}")
+        else:
+            report(f"batch {result.batch}: max abs error {max(*result.forced, result.mixed):.3g} over every exit "
+                   f"path and a mixed run (allowed {atol + rtol * result.scale:.3g})")
+        results.append(result)
+    passed = all(max(*r.forced, r.mixed) <= atol + rtol * r.scale for r in results)
+    return VerificationRecord(
+        max_abs_error=np.max([r.forced for r in results], axis=0).tolist(),
+        max_rel_error=np.max([r.relative for r in results], axis=0).tolist(),
+        mixed_max_abs_error=max(r.mixed for r in results),
+        mixed_exit_counts=results[-1].mixed_exit_counts,
+        batch=results[-1].batch,
+        rtol=rtol,
+        atol=atol,
+        passed=passed,
+        checked=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        batches=[r.batch for r in results],
+    )
+
+
+def disagreement(name: str, record: VerificationRecord) -> VerificationError:
+    """The error for a failed record: the worst exit and how far off it is."""
+    worst = int(np.argmax(record.max_rel_error))
+    return VerificationError(
+        f"package '{name}' disagrees with eager PyTorch (worst: exit {worst}, max abs error "
+        f"{record.max_abs_error[worst]:.3g}, allowed {record.atol:g} + {record.rtol:g} x |reference|, batches "
+        f"{record.batches}); re-export it with this dync and torch, and report the model if it persists."
+    )
+
+
+@dataclass(frozen=True)
+class BatchDependence:
+    """The first tensor of a graph whose first n samples differ from the graph run on those n samples alone."""
+
+    tensor: str
+    node: str
+    op: str
+    what: str
+    source: str
+
+    def describe(self) -> str:
+        where = f" ({self.source})" if self.source else ""
+        return f"tensor '{self.tensor}' of {self.op} node '{self.node}'{where} {self.what}"
+
+
+def first_batch_dependence(model: onnx.ModelProto, feeds: dict[str, np.ndarray], n: int = 1,
+                           rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> BatchDependence | None:
+    """Run `model` (every tensor an output) on `feeds` and on their first `n` samples; the first node output,
+    in graph order, that has the batch first on `feeds` but not `n` first on the slice, or other values."""
+    graph = decompose_custom_nodes(model)
+    whole, part = (_all_tensors(graph, {k: v[:size] for k, v in feeds.items()})
+                   for size in (len(next(iter(feeds.values()))), n))
+    batch = len(next(iter(feeds.values())))
+    for node in graph.graph.node:
+        for name in node.output:
+            full, sliced = whole.get(name), part.get(name)
+            if full is None or sliced is None or full.ndim == 0 or full.shape[0] != batch:
+                continue
+            what = _mismatch(full[:n], sliced, n, rtol, atol)
+            if what is not None:
+                return BatchDependence(name, node.name, node.op_type, what, source_line(node))
+    return None
+
+
+def _mismatch(expected: np.ndarray, got: np.ndarray, n: int, rtol: float, atol: float) -> str | None:
+    if got.shape != expected.shape:
+        return (f"has shape {list(got.shape)} on {n} sample(s) where the batch's first {n} have "
+                f"{list(expected.shape)}, so the graph fixed the batch size")
+    if expected.dtype.kind not in "fc":
+        return None if np.array_equal(expected, got) else "holds other values on fewer samples"
+    error = _max_abs(got, expected)
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    if error > atol + rtol * scale:
+        return f"differs by {error:.3g} on {n} sample(s) from the batch's first {n}, so samples interact there"
+    return None
+
+
+def _all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every tensor of `model` on `feeds`; an empty dict when onnxruntime refuses the batch (a fixed shape)."""
+    marked = modify_outputs(model, outputs=constants.MARK_ALL, copy=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(marked.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    try:
+        return dict(zip(names, session.run(names, feeds), strict=True))
+    except ORT_ERRORS:
+        return {}
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size == 0:
+        return 0.0
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+class StageCheck:
+    """Each stage's outputs before the passes, on one input, to compare a pass's rewrite of the stage with.
+
+    The stages run in order on the input (carried state from one feeds the next), as onnxruntime runs them
+    with `dync::` nodes decomposed; a rewrite must give the same outputs on the same feeds, within the
+    verification tolerances.
+    """
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]], rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL):
+        self.feeds = feeds
+        self.rtol, self.atol = rtol, atol
+
+    @classmethod
+    def on_random_input(cls, stages: Sequence[Any], input_name: str, shape: Sequence[int]) -> StageCheck:
+        state = {input_name: np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+        feeds = []
+        for stage in stages:
+            feeds.append({name: state[name] for name in stage.reads})
+            state.update(_run(stage.model, feeds[-1]))
+        return cls(feeds)
+
+    def compare(self, k: int, before: onnx.ModelProto, after: onnx.ModelProto) -> str | None:
+        """None when `after` computes what `before` does on stage k's feeds, else what differs."""
+        expected, got = _run(before, self.feeds[k]), _run(after, self.feeds[k])
+        for name, value in expected.items():
+            error = _max_abs(got[name], value) if got[name].shape == value.shape else float("inf")
+            allowed = self.atol + self.rtol * (float(np.abs(value).max()) if value.size else 0.0)
+            if not error <= allowed:
+                return f"output '{name}' is off by {error:.3g}, allowed {allowed:.3g}"
+        return None
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of `model` on `feeds`, `dync::` nodes through their decompositions."""
+    session = ort.InferenceSession(decompose_custom_nodes(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))

@@ -7,6 +7,7 @@ are what export verification exists for.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -42,3 +43,16 @@ class SwinWindowBlock(nn.Module):
         windows = windows + self.mix(windows).softmax(dim=1)
         x = window_reverse(windows, self.window_size, H, W)
         return self.head(x.mean(dim=(1, 2)))
+
+
+class MeanThenNoOpSqueeze(nn.Module):
+    """Token pooling as DynamicViT-style heads write it: `torch.mean(x, dim=1).squeeze(1)` on [B, N, C], where
+    the squeeze does nothing in PyTorch (C != 1) but is translated as an ONNX Squeeze of axis 1."""
+
+    def __init__(self, tokens: int = 5, dim: int = 12, num_classes: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.mean(self.proj(x), dim=1).squeeze(1))

@@ -90,6 +90,8 @@ def export(
     eval_mode(model)
     report("capturing the forward with torch.export")
     captured = capture(model, example, exits)
+    for repair in captured.repairs:
+        report(f"repaired a translation defect at {repair}")
     report(f"probing {len(captured.model.graph.node)} nodes for batched tensors")
     probe = probe_graph(decompose_custom_nodes(captured.model), captured.input_name, tuple(input_shape[1:]))
     report(f"partitioning into {len(captured.exit_names)} stage(s)")

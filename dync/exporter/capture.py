@@ -12,13 +12,14 @@ import io
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 import torch
 
 from dync.errors import CaptureError
 from dync.exporter import rewrites
+from dync.exporter.repairs import repair_translation_defects
 from dync.package import BATCH_DIM
 
 INPUT_NAME = "input"
@@ -26,11 +27,13 @@ INPUT_NAME = "input"
 
 @dataclass
 class Captured:
-    """The full graph: one input, and one output per exit named `exit{k}`."""
+    """The full graph: one input, and one output per exit named `exit{k}`; `repairs` says which translation
+    defects were repaired in it (`repairs.py`)."""
 
     model: onnx.ModelProto
     input_name: str
     exit_names: list[str]
+    repairs: list[str] = field(default_factory=list)
 
 
 class _SelectExits(torch.nn.Module):
@@ -121,7 +124,8 @@ def capture(model: torch.nn.Module, example: torch.Tensor, exits: Sequence[int] 
     graph_outputs = [o.name for o in program.model_proto.graph.output]
     assert graph_outputs == exit_names, f"capture renamed the exits: {graph_outputs}"
     _check_batch_kept(program.model_proto, wrapped, example)
-    return Captured(model=program.model_proto, input_name=INPUT_NAME, exit_names=exit_names)
+    model, repairs = repair_translation_defects(program.model_proto)
+    return Captured(model=model, input_name=INPUT_NAME, exit_names=exit_names, repairs=repairs)
 
 
 def _check_batch_kept(model: onnx.ModelProto, wrapped: torch.nn.Module, example: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ from tests.conftest import invoke
 from tests.helpers import assert_close, eager_outputs
 from tests.models import TINY_SHAPE, tiny_model
 from zoo import random_input
-from zoo.idioms import SwinWindowBlock
+from zoo.idioms import MeanThenNoOpSqueeze, SwinWindowBlock
 
 
 def test_export_records_a_verification_at_three_batch_sizes(tmp_path: Path) -> None:
@@ -158,3 +158,15 @@ def test_cli_no_verify_and_refusal_are_one_line(tmp_path: Path) -> None:
     result = invoke(["export", tiny_path, "-o", tmp_path / "tiny.dync", "--input-shape", "4x3x16x16", "--no-verify"])
     assert result.exit_code == 0, result.output
     assert dync.load(tmp_path / "tiny.dync").manifest.verification is None
+
+
+def test_a_no_op_squeeze_is_repaired_and_exact(tmp_path: Path) -> None:
+    """`torch.mean(x, dim=1).squeeze(1)` on [B, N, C]: onnxruntime refuses the plain translation at load."""
+    torch.manual_seed(0)
+    model = MeanThenNoOpSqueeze().eval()
+    messages: list[str] = []
+    package = dync.export(model, tmp_path / "squeeze.dync", input_shape=(4, 5, 12), progress=messages.append)
+    assert any(m.startswith("repaired a translation defect at ") and "became an Identity" in m for m in messages)
+    for batch in (1, 3, 7):
+        x = random_input((5, 12), batch, seed=batch)
+        assert_close(dync.load(package).run(x).logits, eager_outputs(model, x)[0], what=f"batch {batch}")

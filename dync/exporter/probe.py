@@ -41,10 +41,7 @@ class Probe:
 
 def probe_graph(model: onnx.ModelProto, input_name: str, sample_shape: tuple[int, ...]) -> Probe:
     """Run `model` with every tensor marked as an output, at two batch sizes."""
-    marked = modify_outputs(model, outputs=constants.MARK_ALL, copy=True)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(marked.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = every_tensor_session(model)
     names = [o.name for o in session.get_outputs()]
     rng = np.random.default_rng(0)
     runs = []
@@ -66,6 +63,15 @@ def probe_graph(model: onnx.ModelProto, input_name: str, sample_shape: tuple[int
     dtypes = {name: np.asarray(value).dtype for name, value in first.items()}
     dtypes[input_name] = np.dtype(np.float32)
     return Probe(shapes=shapes, dtypes=dtypes, batched=batched)
+
+
+def every_tensor_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A session of `model` with every tensor an output and no graph optimization, so that each tensor is the
+    captured graph's own."""
+    marked = modify_outputs(model, outputs=constants.MARK_ALL, copy=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(marked.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _follows_batch(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> bool:

@@ -22,13 +22,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from polygraphy import constants
-from polygraphy.backend.onnx import modify_outputs
 
 from dync.calib.thresholds import even_split_thresholds
 from dync.errors import VerificationError
 from dync.exporter.capture import eager_exits
-from dync.exporter.probe import ORT_ERRORS
+from dync.exporter.probe import ORT_ERRORS, every_tensor_session
 from dync.graph import source_line
 from dync.plugins.splice import decompose_custom_nodes
 from dync.records import VerificationRecord
@@ -167,10 +165,7 @@ def _mismatch(expected: np.ndarray, got: np.ndarray, n: int, rtol: float, atol: 
 
 def _all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every tensor of `model` on `feeds`; an empty dict when onnxruntime refuses the batch (a fixed shape)."""
-    marked = modify_outputs(model, outputs=constants.MARK_ALL, copy=True)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(marked.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = every_tensor_session(model)
     names = [o.name for o in session.get_outputs()]
     try:
         return dict(zip(names, session.run(names, feeds), strict=True))

@@ -174,7 +174,7 @@ def _checked_run(each: Pass, stage: Stage, k: int, context: PassContext,
     so are found, left as they are (a warning names each) and the pass runs again without them. If the
     outputs still differ (candidates that are wrong only together), the whole rewrite of the stage is undone."""
     rewritten, found = each.run(stage.model, context)
-    problem = None if check is None or rewritten is stage.model else check.compare(k, stage.model, rewritten)
+    problem = None if check is None or rewritten is stage.model else check.compare(k, rewritten)
     if problem is None:
         return rewritten, list(found)
     applied = [r.node for r in found if r.applied]
@@ -186,7 +186,7 @@ def _checked_run(each: Pass, stage: Stage, k: int, context: PassContext,
     context.skip.setdefault(each.name, set()).update(culprits)
     rewritten, kept = each.run(stage.model, context)
     undone = [r.undone(f"undone: the rewritten stage {culprits[r.node]}") for r in found if r.node in culprits]
-    if culprits and check.compare(k, stage.model, rewritten) is None:
+    if culprits and check.compare(k, rewritten) is None:
         return rewritten, [*kept, *undone]
     warnings.warn(f"pass {each.name} changed the outputs of {stage.name} ({problem}); its rewrite of that stage is "
                   "undone.", PassUndoneWarning, stacklevel=2)
@@ -202,7 +202,7 @@ def _alone_differs(each: Pass, stage: Stage, k: int, context: PassContext, check
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rewritten, _ = each.run(stage.model, trial)
-    return None if rewritten is stage.model else check.compare(k, stage.model, rewritten)
+    return None if rewritten is stage.model else check.compare(k, rewritten)
 
 
 def _checked_shape(shape: Sequence[int]) -> tuple[int, ...]:

@@ -180,29 +180,31 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class StageCheck:
-    """Each stage's outputs before the passes, on one input, to compare a pass's rewrite of the stage with.
+    """Each stage's feeds and outputs before the passes, on one input, to compare a pass's rewrite with.
 
     The stages run in order on the input (carried state from one feeds the next), as onnxruntime runs them
-    with `dync::` nodes decomposed; a rewrite must give the same outputs on the same feeds, within the
-    verification tolerances.
+    with `dync::` nodes decomposed; a rewrite must give the stage's original outputs on the same feeds, within
+    the verification tolerances, so that errors of successive passes cannot add up unnoticed.
     """
 
-    def __init__(self, feeds: list[dict[str, np.ndarray]], rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL):
-        self.feeds = feeds
+    def __init__(self, feeds: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]],
+                 rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> None:
+        self.feeds, self.outputs = feeds, outputs
         self.rtol, self.atol = rtol, atol
 
     @classmethod
     def on_random_input(cls, stages: Sequence[Any], input_name: str, shape: Sequence[int]) -> StageCheck:
         state = {input_name: np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
-        feeds = []
+        feeds, outputs = [], []
         for stage in stages:
             feeds.append({name: state[name] for name in stage.reads})
-            state.update(_run(stage.model, feeds[-1]))
-        return cls(feeds)
+            outputs.append(_run(stage.model, feeds[-1]))
+            state.update(outputs[-1])
+        return cls(feeds, outputs)
 
-    def compare(self, k: int, before: onnx.ModelProto, after: onnx.ModelProto) -> str | None:
-        """None when `after` computes what `before` does on stage k's feeds, else what differs."""
-        expected, got = _run(before, self.feeds[k]), _run(after, self.feeds[k])
+    def compare(self, k: int, rewritten: onnx.ModelProto) -> str | None:
+        """None when `rewritten` computes stage k's original outputs on its feeds, else what differs."""
+        expected, got = self.outputs[k], _run(rewritten, self.feeds[k])
         for name, value in expected.items():
             error = _max_abs(got[name], value) if got[name].shape == value.shape else float("inf")
             allowed = self.atol + self.rtol * (float(np.abs(value).max()) if value.size else 0.0)

@@ -16,6 +16,7 @@ import numpy as np
 
 from dync.calib.thresholds import even_split_thresholds
 from dync.errors import PackageError
+from dync.inputs import Inputs, batch_of
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds, resolve_thresholds
 from dync.timing import median_times
@@ -41,10 +42,10 @@ class BenchReport:
         return asdict(self)
 
 
-def spreading_thresholds(engine: Engine, x: np.ndarray) -> np.ndarray:
+def spreading_thresholds(engine: Engine, x: Inputs) -> np.ndarray:
     """Thresholds sending an equal share of `x` to each exit, for packages that carry none."""
     outputs = engine.backend.run_static(engine.input_feeds(x))
-    return even_split_thresholds([e.criterion for e in engine.manifest.exits], outputs)
+    return even_split_thresholds(engine.criteria.confidences(outputs))
 
 
 def predicted_seconds(engine: Engine, exits: np.ndarray) -> float | None:
@@ -60,7 +61,7 @@ def predicted_seconds(engine: Engine, exits: np.ndarray) -> float | None:
 
 def bench(
     engine: Engine,
-    x: np.ndarray,
+    x: Inputs,
     thresholds: Sequence[float] | None = None,
     repeats: int = 15,
     warmup: int = 2,
@@ -86,7 +87,7 @@ def bench(
     forced_times = np.array([times[f"exit{k}"] for k in range(engine.num_exits)])
     ideal = float(shares @ forced_times)
     return BenchReport(
-        batch=len(x),
+        batch=batch_of(engine.input_feeds(x)),
         thresholds=[float(t) for t in resolved],
         threshold_source=source,
         exit_counts=counts.tolist(),

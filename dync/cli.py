@@ -53,6 +53,11 @@ _parse_exits = _separated(int, ",", "a comma-separated list of exit indices like
 _parse_sizes = _separated(int, ",", "a comma-separated list of batch sizes like 1,8,64")
 
 
+def _parse_paths(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
+    """'logits,aux.0' as output paths (`dync.exporter.outputs`); case is kept, since they are dict keys."""
+    return None if value is None else [path.strip() for path in value.split(",")]
+
+
 def _session_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The onnxruntime session options `run`, `bench` and `profile` share, passed on to `dync.load`."""
     command = click.option("--fixed-batches", default=8, show_default=True,
@@ -66,6 +71,12 @@ def _load_array(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise InputError(f"{path} is not a .npy array file ({exc}); save the batch with numpy.save.") from exc
+
+
+def _load_inputs(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+    from dync.inputs import load_inputs
+
+    return load_inputs(path)
 
 
 def _parse_crossover(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
@@ -91,7 +102,11 @@ def main() -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Package directory to write.")
 @click.option("--input-shape", callback=_parse_shape, help="Example input shape, batch first (default 16x3x32x32).")
-@click.option("--exits", callback=_parse_exits, help="Forward outputs to use as exits, in compute order, e.g. 0,2,4.")
+@click.option("--example", "example", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="An .npz with one array per forward argument, keyed by its name, batch first (float or integer).")
+@click.option("--outputs", callback=_parse_paths,
+              help="Which returned entries are the exits, e.g. logits or 0 or exits (a list), comma-separated.")
+@click.option("--exits", callback=_parse_exits, help="Exits to keep, in compute order, e.g. 0,2,4.")
 @click.option("--name", help="Package name (default: the output directory's name).")
 @click.option("--lower-spatial/--no-lower-spatial", default=True, show_default=True,
               help="Run masked bottlenecks as gather-scatter, exact against eager (--no-lower-spatial is "
@@ -105,21 +120,23 @@ def main() -> None:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the package against eager PyTorch at the example batch and batches 1 and 3 before "
                    "writing it.")
-def export(model: Path, output: Path, input_shape: list[int] | None, exits: list[int] | None,
-           name: str | None, lower_spatial: bool, ops: str, spatial_crossover: float | None,
-           skip_passes: tuple[str, ...], verify: bool) -> None:
+@click.option("--criterion", default="max_softmax", show_default=True, metavar="NAME|MODULE:FUNCTION",
+              help="Exit confidence: max_softmax, entropy, margin, or a PyTorch function of logits [B, C] -> "
+                   "confidence [B] in [0, 1] (its module on PYTHONPATH), exported into the package.")
+def export(model: Path, output: Path, input_shape: list[int] | None, example: Path | None,
+           outputs: list[str] | None, exits: list[int] | None, name: str | None, lower_spatial: bool, ops: str,
+           spatial_crossover: float | None, skip_passes: tuple[str, ...], verify: bool, criterion: str) -> None:
     """Export MODEL (torch.save'd module, TorchScript or .pt2) to a .dync package.
 
     Loading a pickled module runs code from the file: only export models you trust.
     """
-    from dync.exporter import DEFAULT_INPUT_SHAPE
     from dync.exporter import export as run_export
 
     with warnings.catch_warnings():
         warnings.showwarning = _echo_warning
-        run_export(model, output, input_shape or DEFAULT_INPUT_SHAPE, exits=exits, name=name, progress=_progress,
+        run_export(model, output, input_shape, exits=exits, name=name, progress=_progress,
                    lower_spatial=lower_spatial, ops=ops, spatial_crossover=spatial_crossover, skip_passes=skip_passes,
-                   verify=verify)
+                   verify=verify, example=example, outputs=outputs, criterion=criterion)
     _print_summary(output)
 
 
@@ -167,18 +184,19 @@ def inspect(package: Path, as_json: bool, target: str | None) -> None:
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="A .npy batch, shaped like the package input.")
+              help="A .npy batch shaped like the package input, or an .npz of arrays keyed by input name.")
 @click.option("--thresholds", callback=_parse_floats, help="Exit thresholds t0,t1,... (default: the package's).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help=".npz file for logits and exit.")
 @_session_options
 def run(package: Path, input_path: Path, thresholds: list[float] | None, output: Path, threads: int,
         fixed_batches: int) -> None:
-    """Run PACKAGE on a batch with per-sample early exit; write `logits` and `exit` to OUTPUT."""
+    """Run PACKAGE on a batch with per-sample early exit; write `logits` and `exit` to OUTPUT (with exits of
+    different per-sample shapes: `exit`, and `exitK` with its mask `exitK_taken` per exit K)."""
     import dync
 
     engine = dync.load(package, threads=threads, fixed_batches=fixed_batches)
-    result = engine.run(_load_array(input_path), thresholds=thresholds)
-    np.savez(output, logits=result.logits, exit=result.exit)
+    result = engine.run(_load_inputs(input_path), thresholds=thresholds)
+    np.savez(output, **result.arrays())
     counts = np.bincount(result.exit, minlength=engine.num_exits).tolist()
     click.echo(f"wrote {output}: {len(result.exit)} samples, exit counts {counts}")
 
@@ -187,7 +205,7 @@ def run(package: Path, input_path: Path, thresholds: list[float] | None, output:
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="The model the package came from.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A .npy batch to check with (default: random normal data).")
+              help="A .npy batch (or .npz by input name) to check with (default: random data).")
 @click.option("--batch", default=8, show_default=True, help="Batch size of the random check data.")
 @click.option("--rtol", default=1e-4, show_default=True, help="Allowed error relative to the largest output.")
 @click.option("--atol", default=1e-5, show_default=True, help="Allowed absolute error.")
@@ -196,7 +214,7 @@ def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol
     import dync
     from dync.verify import verify as run_verify
 
-    x = _load_array(input_path) if input_path else None
+    x = _load_inputs(input_path) if input_path else None
     record = run_verify(dync.load(package), model, x=x, batch=batch, rtol=rtol, atol=atol, progress=_progress)
     click.echo(f"verified {package}: every exit path matches eager (worst abs error "
                f"{max(*record.max_abs_error, record.mixed_max_abs_error):.3g})")
@@ -206,7 +224,7 @@ def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--batch", default=64, show_default=True, help="Batch size of random data (ignored with --input).")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A .npy batch to measure on (real data gives realistic exit shares).")
+              help="A .npy batch (or .npz by input name) to measure on (real data gives realistic exit shares).")
 @click.option("--thresholds", callback=_parse_floats,
               help="Exit thresholds (default: the package's, else an even split of the data over the exits).")
 @click.option("--repeats", default=15, show_default=True, help="Timed rounds; medians are reported.")
@@ -218,10 +236,11 @@ def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[f
     import dync
     from dync.bench import bench as run_bench
     from dync.bench import format_report
+    from dync.inputs import batch_of
 
     engine = dync.load(package, threads=threads, fixed_batches=fixed_batches)
-    x = _load_array(input_path) if input_path else engine.example_input(batch)
-    _progress(f"timing {repeats} interleaved rounds at batch {len(x)}")
+    x = _load_inputs(input_path) if input_path else engine.example_input(batch)
+    _progress(f"timing {repeats} interleaved rounds at batch {batch_of(engine.input_feeds(x))}")
     report = run_bench(engine, x, thresholds=thresholds, repeats=repeats)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else format_report(report))
 
@@ -229,7 +248,7 @@ def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[f
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="Validation inputs (.npy), shaped like the package input.")
+              help="Validation inputs: a .npy shaped like the package input, or an .npz by input name.")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Integer class per validation sample (.npy): pick the most accurate setting, print the curve.")
 @click.option("--budget", type=float, help="Average cost as a fraction of the full model, e.g. 0.5.")
@@ -244,12 +263,13 @@ def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: 
     """Choose exit thresholds for a budget and store them in PACKAGE (used by run and bench)."""
     import dync
     from dync.calib.calibrate import BudgetRequest, calibrate_package, format_calibration
+    from dync.inputs import batch_of
 
     engine = dync.load(package)
     labels = _load_array(labels_path) if labels_path else None
     request = BudgetRequest(metric=metric, budget=budget, budget_ms=budget_ms, batch_size=batch_size)
-    data = _load_array(data_path)
-    _progress(f"searching thresholds over {len(data)} samples")
+    data = _load_inputs(data_path)
+    _progress(f"searching thresholds over {batch_of(engine.input_feeds(data))} samples")
     result = calibrate_package(engine, data, request, labels=labels)
     click.echo(format_calibration(result, metric))
     click.echo(f"stored thresholds in {package}")

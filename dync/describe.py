@@ -33,6 +33,7 @@ def describe(manifest: Manifest) -> dict[str, Any]:
                 "stage": s.name,
                 "output": s.exit.output,
                 "criterion": s.exit.criterion,
+                "criterion_onnx": s.exit.criterion_onnx,
                 "macs": s.exit.macs,
                 "cumulative_flops": s.exit.cumulative_macs,
                 "fraction_of_full": _fraction_of_full(manifest, k),
@@ -43,6 +44,8 @@ def describe(manifest: Manifest) -> dict[str, Any]:
         "thresholds": manifest.thresholds,
         "custom_ops": to_json(manifest.custom_ops),
         **{name: to_json(manifest.records(name)) for name in PASS_RECORDS},
+        "output_selection": manifest.output_selection,
+        "batch_fix": to_json(manifest.batch_fix),
         "verification": to_json(manifest.verification),
         "provenance": to_json(manifest.provenance),
     }
@@ -56,14 +59,14 @@ def _fraction_of_full(manifest: Manifest, k: int) -> float:
 def format_description(manifest: Manifest) -> str:
     inputs = ", ".join(f"{t.name} {t.dtype}{t.shape}" for t in manifest.inputs)
     lines = [f"package {manifest.name} (format {manifest.format_version}), input {inputs}", ""]
-    lines += ["| exit | stage | nodes | MMACs | cumulative MMACs | of full | threshold | reads | writes |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| exit | stage | nodes | MMACs | cumulative MMACs | of full | criterion | threshold | reads | writes |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for k, stage in enumerate(manifest.stages):
         threshold = "-" if stage.exit.threshold is None else f"{stage.exit.threshold:.4g}"
         lines.append(
             f"| {k} | {stage.name} | {stage.nodes} | {stage.exit.macs / 1e6:.3f} | "
-            f"{stage.exit.cumulative_macs / 1e6:.3f} | {_fraction_of_full(manifest, k):.1%} | {threshold} | "
-            f"{len(stage.reads)} | {len(stage.writes)} |"
+            f"{stage.exit.cumulative_macs / 1e6:.3f} | {_fraction_of_full(manifest, k):.1%} | "
+            f"{stage.exit.criterion} | {threshold} | {len(stage.reads)} | {len(stage.writes)} |"
         )
     thresholds = manifest.thresholds
     stored = thresholds if thresholds is not None else "none stored (every sample runs to the last exit)"
@@ -73,10 +76,14 @@ def format_description(manifest: Manifest) -> str:
     if manifest.custom_ops:
         ops = ", ".join(f"{o.op} (without its plugin: {o.fallback})" for o in manifest.custom_ops)
         lines.append(f"custom ops: {ops}")
+    if manifest.output_selection and manifest.output_selection != [""]:
+        lines.append(f"exits taken from the forward's outputs: {', '.join(manifest.output_selection)}")
+    if manifest.batch_fix is not None:
+        lines.append(f"batch: {manifest.batch_fix.summary()}")
     verification = manifest.verification
     if verification:
         status = "passed" if verification.passed else "FAILED"
-        lines.append(f"verification: {status} on {verification.checked} "
+        lines.append(f"verification: {status} on {verification.checked} at batches {verification.batches} "
                      f"(max abs error per exit {[f'{e:.2g}' for e in verification.max_abs_error]})")
     else:
         lines.append("verification: not run (dync verify PKG --model MODEL)")

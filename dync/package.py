@@ -15,6 +15,7 @@ from typing import Any
 from dync.errors import PackageError
 from dync.records import (
     PASS_RECORDS,
+    BatchFixRecord,
     CalibrationRecord,
     CustomOpRecord,
     PassRecord,
@@ -34,23 +35,30 @@ BATCH_DIM = "batch"
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A tensor crossing the package boundary or a stage boundary; shape[0] is the symbolic batch."""
+    """A tensor crossing the package boundary or a stage boundary; shape[0] is the symbolic batch.
+    `value_range` is [min, max] of an integer model input in the export example (see `dync.inputs`)."""
 
     name: str
     dtype: str
     shape: list[int | str]
+    value_range: list[float] | None = None
 
 
 @dataclass
 class ExitSpec:
     """The exit a stage ends in: which output it is, how confident it must be, and what reaching it costs.
-    `threshold` is the one field calibration changes in place."""
+    `threshold` is the one field calibration changes in place. `shape` is the exit output's shape (batch first),
+    which the runtime needs when exits differ in per-sample shape; None in packages written before it.
+    `criterion` is a built-in name (`dync.runtime.exit_rule.BUILTIN_CRITERIA`) or a user's `module:function`,
+    whose ONNX graph in the package `criterion_onnx` names (None for built-ins)."""
 
     output: str
     criterion: str
     macs: int
     cumulative_macs: int
     threshold: float | None = None
+    shape: list[int | str] | None = None
+    criterion_onnx: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,10 +78,13 @@ class StageSpec:
 class Manifest:
     """Everything about a package except the ONNX bytes.
 
-    `exit_selection` is the `--exits` choice (indices into the forward's outputs), None for all of them.
+    `output_selection` says where in the forward's returned structure each exit is (`dync.exporter.outputs`
+    paths, e.g. "logits" or "0"); None in packages written before it, whose forward returned the exits.
+    `exit_selection` is the `--exits` choice (indices into those exits), None for all of them.
     `passes` holds, per exporter pass that found something (its name, e.g. "spatial"), one record per candidate
     (see `dync.records.PASS_RECORDS`); in the JSON each pass's records sit under its name. `custom_ops` lists
-    the `dync::` ops the stages use and the fallback a backend without their plugin takes.
+    the `dync::` ops the stages use and the fallback a backend without their plugin takes. `batch_fix` says how
+    a forward that fixes the batch size was made to take any (None when it does not fix it).
     """
 
     name: str
@@ -81,9 +92,11 @@ class Manifest:
     state: list[TensorSpec]
     stages: list[StageSpec]
     provenance: Provenance
+    output_selection: list[str] | None = None
     exit_selection: list[int] | None = None
     custom_ops: list[CustomOpRecord] = field(default_factory=list)
     passes: dict[str, list[PassRecord]] = field(default_factory=dict)
+    batch_fix: BatchFixRecord | None = None
     verification: VerificationRecord | None = None
     calibration: CalibrationRecord | None = None
     format: str = FORMAT_NAME
@@ -169,8 +182,9 @@ def _check_program(manifest: Manifest, package_dir: Path) -> None:
     available = {t.name for t in manifest.inputs}
     state_names = {t.name for t in manifest.state}
     for stage in manifest.stages:
-        if not (package_dir / stage.onnx).is_file():
-            raise PackageError(f"{package_dir / stage.onnx} (stage '{stage.name}') is missing; re-export the package.")
+        for path, what in ((stage.onnx, "stage"), (stage.exit.criterion_onnx, "exit criterion of stage")):
+            if path is not None and not (package_dir / path).is_file():
+                raise PackageError(f"{package_dir / path} ({what} '{stage.name}') is missing; re-export the package.")
         missing = [name for name in stage.reads if name not in available]
         if missing:
             raise PackageError(

@@ -115,7 +115,8 @@ def _name(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Provenance:
-    """Where a package came from: the model file and the versions that wrote it."""
+    """Where a package came from: the model file, the example it was captured with (every input's shape in
+    `example_inputs` when they came from `--example`) and the versions that wrote it."""
 
     source: str | None
     source_sha256: str | None
@@ -126,6 +127,7 @@ class Provenance:
     onnxruntime: str
     opset: int
     created: str
+    example_inputs: dict[str, list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,33 @@ class VerificationRecord:
     passed: bool
     checked: str
     batches: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BatchFixRecord:
+    """How a forward that fixes the batch size (at `site`, the model line) was made to take any batch.
+
+    `method` "bytecode": traced again by TorchDynamo, which keeps the model's batch arithmetic (`int()` of a
+    float) symbolic, so the graph computes it as the model wrote it. "two captures": captured statically at the
+    batch sizes `captures`, and the graph constants that hold the batch (`constants`) computed from the input's
+    batch at run time (`dync.exporter.symbolic_batch`).
+    """
+
+    site: str
+    method: str
+    captures: list[int]
+    constants: list[str]
+
+    def summary(self) -> str:
+        """What `inspect` prints: what was done and what it costs."""
+        if self.method == "bytecode":
+            how = ("traced again with TorchDynamo, which keeps that arithmetic symbolic (cost: one more capture "
+                   "at export; at run time the graph computes the batch as the model does, a few scalar ops)")
+        else:
+            how = (f"captured at batches {' and '.join(map(str, self.captures))}, {len(self.constants)} shape "
+                   f"constant(s) computed from the input's batch (cost: two more captures at export, "
+                   f"{2 * len(self.constants) + 2} scalar shape ops per run)")
+        return f"the forward fixes the batch at {self.site}; {how}"
 
 
 @dataclass(frozen=True)

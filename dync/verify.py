@@ -37,7 +37,7 @@ def verify(
     x = engine.example_input(batch) if x is None else x
     engine.check_input(x)
     if isinstance(model, (str, Path)):
-        model = load_model(model, torch.from_numpy(x))
+        model = load_model(model, tuple(torch.from_numpy(a) for a in engine.input_feeds(x).values()))
     result = check_package(engine, eval_mode(model), [x], rtol=rtol, atol=atol, progress=progress)
     if record:
         engine.manifest.verification = result

@@ -9,7 +9,7 @@ import pytest
 from dync.bench import bench, spreading_thresholds
 from dync.calib.thresholds import even_split_thresholds
 from dync.errors import InputError
-from dync.runtime.exit_rule import forcing_thresholds
+from dync.runtime.exit_rule import forcing_thresholds, max_softmax
 from dync.timing import median_times
 from tests.conftest import CliExport, Exported, invoke
 from tests.helpers import assert_close, eager_outputs
@@ -31,7 +31,7 @@ def test_spreading_thresholds_split_the_batch_evenly(msdnet: Exported) -> None:
     x = random_input(msdnet.sample_shape, 40, seed=2)
     thresholds = spreading_thresholds(msdnet.engine, x)
     outputs = msdnet.engine.backend.run_static(msdnet.engine.input_feeds(x))
-    np.testing.assert_array_equal(thresholds, even_split_thresholds(["max_softmax"] * 4, outputs))
+    np.testing.assert_array_equal(thresholds, even_split_thresholds([max_softmax(o) for o in outputs]))
     counts = np.bincount(msdnet.engine.run(x, thresholds=thresholds).exit, minlength=4)
     # Each threshold equals one sample's confidence as the merged graph computes it; the stages may compute
     # that sample's confidence a few ulps lower, so it may go on to the next exit.

@@ -71,7 +71,8 @@ def test_inspect_json(cli_export: CliExport) -> None:
     assert description["thresholds"] is None
     assert exits[-1]["fraction_of_full"] == 1.0
     assert [s["name"] for s in description["stages"]] == ["stage0", "stage1", "stage2"]
-    assert description["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["batch", *SAMPLE_SHAPE]}]
+    assert description["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["batch", *SAMPLE_SHAPE],
+                                      "value_range": None}]
     assert description["verification"]["passed"] is True, "export verifies the package it writes"
     assert description["verification"]["batches"] == [4, 1, 3]
 

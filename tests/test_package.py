@@ -30,7 +30,7 @@ def test_manifest_describes_the_program(zoo_export: Exported) -> None:
     assert raw["format"] == FORMAT_NAME and raw["format_version"] == FORMAT_VERSION
     assert manifest.name == zoo_export.package.name.removesuffix(".dync")
     assert [(t.name, t.dtype, t.shape) for t in manifest.inputs] == [
-        (zoo_export.captured.input_name, "float32", [BATCH_DIM, *zoo_export.sample_shape])
+        (zoo_export.captured.input_names[0], "float32", [BATCH_DIM, *zoo_export.sample_shape])
     ]
     assert len(manifest.stages) == zoo_export.num_exits
     for k, stage in enumerate(manifest.stages):

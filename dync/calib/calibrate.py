@@ -14,10 +14,10 @@ import numpy as np
 
 from dync.calib.budget import Calibration, CostOfExits, calibrate, flops_cost
 from dync.errors import InputError
+from dync.inputs import Inputs, batch_of
 from dync.package import write_manifest
 from dync.records import CalibrationRecord
 from dync.runtime.engine import Engine
-from dync.runtime.exit_rule import confidence
 
 METRICS = ("flops", "latency")
 PASS_BATCH = 256
@@ -47,20 +47,21 @@ class BudgetRequest:
             raise InputError(f"batch size {self.batch_size} must be at least 1.")
 
 
-def exit_outputs(engine: Engine, data: np.ndarray) -> list[np.ndarray]:
+def exit_outputs(engine: Engine, data: Inputs) -> list[np.ndarray]:
     """Every exit's output for every sample, from the static full model, in bounded-size batches."""
-    chunks = [engine.backend.run_static(engine.input_feeds(data[i : i + PASS_BATCH]))
-              for i in range(0, len(data), PASS_BATCH)]
+    feeds = engine.input_feeds(data)
+    chunks = [engine.backend.run_static({name: value[i : i + PASS_BATCH] for name, value in feeds.items()})
+              for i in range(0, batch_of(feeds), PASS_BATCH)]
     return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(engine.num_exits)]
 
 
-def check_labels(labels: np.ndarray | None, data: np.ndarray, num_classes: int) -> None:
+def check_labels(labels: np.ndarray | None, samples: int, num_classes: int) -> None:
     if labels is None:
         return
-    if labels.ndim != 1 or len(labels) != len(data):
+    if labels.ndim != 1 or len(labels) != samples:
         raise InputError(
-            f"labels have shape {list(labels.shape)} but the data has {len(data)} samples; "
-            f"give one integer class per sample, shape [{len(data)}]."
+            f"labels have shape {list(labels.shape)} but the data has {samples} samples; "
+            f"give one integer class per sample, shape [{samples}]."
         )
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= num_classes:
         raise InputError(f"labels must be integer classes in 0..{num_classes - 1}; got {labels.dtype} values.")
@@ -88,13 +89,14 @@ def full_model_ms_per_sample(engine: Engine, batch_size: int) -> float:
 
 
 def calibrate_package(
-    engine: Engine, data: np.ndarray, request: BudgetRequest, labels: np.ndarray | None = None
+    engine: Engine, data: Inputs, request: BudgetRequest, labels: np.ndarray | None = None
 ) -> Calibration:
     """Choose thresholds for the budget, store them in the package, and return the whole curve."""
     request.check()
-    engine.check_input(data)
-    outputs = exit_outputs(engine, data)
-    check_labels(labels, data, outputs[0].shape[-1])
+    feeds = engine.input_feeds(data)
+    engine.check_feeds(feeds)
+    outputs = exit_outputs(engine, feeds)
+    check_labels(labels, batch_of(feeds), outputs[0].shape[-1])
     if request.metric == "flops":
         cost_of = flops_cost([e.cumulative_macs for e in engine.manifest.exits])
     else:
@@ -102,10 +104,10 @@ def calibrate_package(
     budget = request.budget
     if budget is None:
         budget = request.budget_ms / full_model_ms_per_sample(engine, request.batch_size)
-    confidences = [confidence(e.criterion, o) for e, o in zip(engine.manifest.exits, outputs, strict=True)]
+    confidences = engine.criteria.confidences(outputs)
     correct = None if labels is None else [o.argmax(axis=-1) == labels for o in outputs]
     result = calibrate(confidences, cost_of, budget, correct)
-    _store(engine, result, request, len(data))
+    _store(engine, result, request, batch_of(feeds))
     return result
 
 

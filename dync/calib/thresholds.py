@@ -11,8 +11,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dync.runtime.exit_rule import confidence
-
 
 def thresholds_for_shares(confidences: Sequence[np.ndarray], shares: Sequence[float]) -> np.ndarray:
     """K-1 thresholds from per-exit confidences (each [N]) and wanted exit shares (K values summing to 1).
@@ -36,7 +34,7 @@ def thresholds_for_shares(confidences: Sequence[np.ndarray], shares: Sequence[fl
     return thresholds
 
 
-def even_split_thresholds(criteria: Sequence[str], exit_outputs: Sequence[np.ndarray]) -> np.ndarray:
-    """Thresholds sending an equal share of a batch to each exit, given every exit's output on that batch."""
-    confidences = [confidence(c, out) for c, out in zip(criteria, exit_outputs, strict=True)]
-    return thresholds_for_shares(confidences, [1.0 / len(criteria)] * len(criteria))
+def even_split_thresholds(confidences: Sequence[np.ndarray]) -> np.ndarray:
+    """Thresholds sending an equal share of a batch to each exit, given every exit's confidences on that batch
+    (`Engine.criteria.confidences`)."""
+    return thresholds_for_shares(confidences, [1.0 / len(confidences)] * len(confidences))

@@ -8,8 +8,9 @@ import hashlib
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,6 +19,8 @@ import torch
 
 from dync.errors import ExportError, InputError, PassUndoneWarning, VerificationError
 from dync.exporter.capture import Captured, capture
+from dync.exporter.criterion import parse_criterion, write_graphs
+from dync.exporter.example import Example, bind_example, random_example, read_example
 from dync.exporter.loading import eval_mode, load_model
 from dync.exporter.partition import Stage, partition
 from dync.exporter.passes import FORMS, PASSES, Pass, PassContext
@@ -25,6 +28,7 @@ from dync.exporter.passes.spatial import check_crossover
 from dync.exporter.probe import Probe, probe_graph
 from dync.exporter.verification import StageCheck, check_package, disagreement, first_batch_dependence
 from dync.graph import default_opset
+from dync.inputs import random_inputs
 from dync.package import (
     BATCH_DIM,
     MANIFEST_FILE,
@@ -49,7 +53,7 @@ Progress = Callable[[str], None]
 def export(
     model: torch.nn.Module | str | Path,
     output: str | Path,
-    input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
+    input_shape: Sequence[int] | None = None,
     exits: Sequence[int] | None = None,
     name: str | None = None,
     progress: Progress | None = None,
@@ -58,8 +62,19 @@ def export(
     spatial_crossover: float | None = None,
     skip_passes: Collection[str] = (),
     verify: bool = True,
+    example: str | Path | Mapping[str, Any] | None = None,
+    outputs: Sequence[str] | None = None,
+    criterion: str = EXIT_CRITERION,
 ) -> Path:
     """Export `model` (a module or a model file) to the package directory `output` and return its path.
+
+    The model takes either one float input of `input_shape` (batch first; default 16x3x32x32), or the forward
+    arguments in `example` (an `.npz` file or a mapping of arrays keyed by argument name, batch first, float or
+    integer; see `dync.exporter.example`). `outputs` names the exits in what the forward returns (see
+    `dync.exporter.outputs`; default: the returned tensor, list of tensors, or first element of a tuple).
+    `criterion` is every exit's confidence: a built-in (max_softmax, entropy, margin; `dync.runtime.exit_rule`) or
+    `module:function`, a PyTorch function of logits [B, C] -> confidence in [0, 1] per sample, which goes into
+    the package as a checked ONNX graph (`dync.exporter.criterion`).
 
     After capture, probing and partitioning, each stage goes through the passes of `dync.exporter.passes`
     that serve the form `ops` and are not named in `skip_passes` (`lower_spatial=False` skips "spatial"):
@@ -76,40 +91,54 @@ def export(
     (with its model source line) when there is one. The record goes into the manifest.
     """
     report = progress or (lambda message: None)
-    input_shape = _checked_shape(input_shape)
+    arrays = _checked_inputs(input_shape, example)
     skipped = _checked_passes(skip_passes, lower_spatial)
+    exit_criterion = parse_criterion(criterion)
     if ops not in FORMS:
         raise InputError(f"--ops {ops!r} is unknown; use one of {', '.join(FORMS)}.")
     if spatial_crossover is not None:
         check_crossover(spatial_crossover)
-    example = torch.randn(max(input_shape[0], 2), *input_shape[1:])
+    inputs = Example(arrays) if arrays else random_example(_checked_shape(input_shape))
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
         report(f"loading {source}")
-        model = load_model(source, example)
+        model = load_model(source, inputs.tensors())
     eval_mode(model)
+    if arrays:
+        inputs = bind_example(model, arrays, where=str(example) if isinstance(example, (str, Path)) else "the example")
     report("capturing the forward with torch.export")
-    captured = capture(model, example, exits)
+    captured = capture(model, inputs, exits, outputs)
+    if captured.picked:
+        report(captured.picked)
     for repair in captured.repairs:
         report(f"repaired a translation defect at {repair}")
+    if captured.batch_fix is not None:
+        report(captured.batch_fix.summary())
+    specs = inputs.specs()
     report(f"probing {len(captured.model.graph.node)} nodes for batched tensors")
-    probe = probe_graph(decompose_custom_nodes(captured.model), captured.input_name, tuple(input_shape[1:]))
+    probe = probe_graph(decompose_custom_nodes(captured.model), specs)
     report(f"partitioning into {len(captured.exit_names)} stage(s)")
     stages = partition(captured.model, captured.exit_names, probe, labels=exits)
     context = PassContext(form=ops, whole_model=captured.model, progress=report, spatial_crossover=spatial_crossover)
-    check = StageCheck.on_random_input(stages, captured.input_name, (3, *input_shape[1:])) if verify else None
+    check = StageCheck.on_inputs(stages, random_inputs(specs, 3, seed=1)) if verify else None
     records = _run_passes(stages, context, skipped, check)
     output = Path(output)
     package_name = name or output.name.removesuffix(".dync")
-    manifest = _manifest(package_name, captured.input_name, input_shape, stages, probe, source, exits)
+    shape = None if arrays else _checked_shape(input_shape)
+    manifest = _manifest(package_name, specs, stages, probe, _provenance(source, shape, inputs, stages[0].model))
+    manifest.output_selection = captured.output_paths
+    manifest.batch_fix = captured.batch_fix
+    manifest.exit_selection = None if exits is None else list(exits)
     manifest.passes = records
     manifest.custom_ops = custom_ops_used([s.model for s in stages])
+    criterion_graphs = exit_criterion.attach(manifest)
     _check_output(output)
     staged = _write_staged(output, manifest, stages)
     try:
+        write_graphs(staged, criterion_graphs)
         if verify:
             report("verifying the package against eager PyTorch")
-            manifest.verification = _verified(staged, model, captured, example, progress=report)
+            manifest.verification = _verified(staged, model, captured, inputs, progress=report)
             write_manifest(staged, manifest)
         _replace(output, staged)
     finally:
@@ -122,18 +151,29 @@ VERIFY_BATCHES = (1, 3)
 """Besides the example's: one sample, and a size the capture did not see."""
 
 
-def _verified(package: Path, model: torch.nn.Module, captured: Captured, example: torch.Tensor,
+def _checked_inputs(input_shape: Sequence[int] | None,
+                    example: str | Path | Mapping[str, Any] | None) -> dict[str, np.ndarray] | None:
+    """The example's arrays, or None when the model takes one random input of `input_shape`."""
+    if example is None:
+        return None
+    if input_shape is not None:
+        raise InputError("--input-shape and --example both describe the inputs; give one of them (--example for "
+                         "several inputs or integer ones).")
+    return read_example(example)
+
+
+def _verified(package: Path, model: torch.nn.Module, captured: Captured, example: Example,
               progress: Progress) -> VerificationRecord:
     """The package's verification record at the example batch and VERIFY_BATCHES; VerificationError when it
     disagrees, naming where the captured graph depends on the batch if it does."""
     engine = Engine.load(package)
-    rng = np.random.default_rng(0)
-    sizes = [b for b in VERIFY_BATCHES if b != len(example)]
-    inputs = [example.numpy(), *(rng.standard_normal((b, *example.shape[1:])).astype(np.float32) for b in sizes)]
-    record = check_package(engine, model, inputs, progress=progress)
+    specs = engine.manifest.inputs
+    sizes = [b for b in VERIFY_BATCHES if b != example.batch]
+    batches = [example.arrays, *(random_inputs(specs, b, seed=b) for b in sizes)]
+    record = check_package(engine, model, batches, progress=progress)
     if record.passed:
         return record
-    dependence = first_batch_dependence(captured.model, {captured.input_name: example.numpy()})
+    dependence = first_batch_dependence(captured.model, example.arrays)
     if dependence is None:
         raise disagreement(engine.manifest.name, record)
     raise VerificationError(
@@ -205,8 +245,8 @@ def _alone_differs(each: Pass, stage: Stage, k: int, context: PassContext, check
     return None if rewritten is stage.model else check.compare(k, rewritten)
 
 
-def _checked_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in shape)
+def _checked_shape(shape: Sequence[int] | None) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in (DEFAULT_INPUT_SHAPE if shape is None else shape))
     if len(shape) < 2 or any(d < 1 for d in shape):
         raise InputError(
             f"input shape {'x'.join(map(str, shape))} must be a batch followed by the per-sample dims, "
@@ -215,20 +255,13 @@ def _checked_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _manifest(
-    name: str,
-    input_name: str,
-    input_shape: tuple[int, ...],
-    stages: list[Stage],
-    probe: Probe,
-    source: Path | None,
-    exits: Sequence[int] | None,
-) -> Manifest:
+def _manifest(name: str, inputs: list[TensorSpec], stages: list[Stage], probe: Probe,
+              provenance: Provenance) -> Manifest:
     cumulative = np.cumsum([s.macs for s in stages]).tolist()
     written = [w for s in stages for w in s.writes]
     return Manifest(
         name=name,
-        inputs=[TensorSpec(input_name, "float32", [BATCH_DIM, *input_shape[1:]])],
+        inputs=inputs,
         state=[TensorSpec(w, str(probe.dtypes[w]), [BATCH_DIM, *probe.per_sample_shape(w)]) for w in written],
         stages=[
             StageSpec(
@@ -236,14 +269,14 @@ def _manifest(
                 onnx=f"{STAGES_DIR}/{s.name}.onnx",
                 reads=s.reads,
                 writes=s.writes,
-                exit=ExitSpec(output=s.exit_output, criterion=EXIT_CRITERION, macs=s.macs, cumulative_macs=c),
+                exit=ExitSpec(output=s.exit_output, criterion=EXIT_CRITERION, macs=s.macs, cumulative_macs=c,
+                              shape=[BATCH_DIM, *probe.per_sample_shape(s.exit_output)]),
                 nodes=len(s.model.graph.node),
                 ops=_op_counts(s.model),
             )
             for s, c in zip(stages, cumulative, strict=True)
         ],
-        provenance=_provenance(source, input_shape, stages[0].model),
-        exit_selection=None if exits is None else list(exits),
+        provenance=provenance,
     )
 
 
@@ -255,11 +288,16 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _provenance(source: Path | None, input_shape: tuple[int, ...], model: onnx.ModelProto) -> Provenance:
+def _provenance(source: Path | None, input_shape: tuple[int, ...] | None, example: Example,
+                model: onnx.ModelProto) -> Provenance:
+    """`example_input_shape` is `input_shape` as given, or else the first example input's shape; `example_inputs`
+    holds every example input's shape when they came from `--example`."""
+    shapes = {name: list(a.shape) for name, a in example.arrays.items()}
     return Provenance(
         source=str(source) if source else None,
         source_sha256=hashlib.sha256(source.read_bytes()).hexdigest() if source else None,
-        example_input_shape=list(input_shape),
+        example_input_shape=list(input_shape) if input_shape else next(iter(shapes.values())),
+        example_inputs=None if input_shape else shapes,
         dync=__version__,
         torch=torch.__version__,
         onnx=onnx.__version__,

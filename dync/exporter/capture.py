@@ -2,7 +2,8 @@
 
 Capture uses `torch.onnx.export(dynamo=True)`, i.e. `torch.export`: unlike tracing, it refuses a Python `if`
 on a tensor value instead of silently baking one branch in, which is what a dynamic network's author must
-hear about. Exits are the forward's returned tensors (a list/tuple for multi-exit models).
+hear about. Inputs are the example's (`example.py`), all sharing one symbolic batch; exits are picked out
+of whatever the forward returns (`outputs.py`), and nothing else it returns is kept.
 """
 
 from __future__ import annotations
@@ -14,106 +15,161 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
 from dync.errors import CaptureError
+from dync.exporter import outputs as outputs_module
 from dync.exporter import rewrites
+from dync.exporter.example import INPUT_NAME, Example, call_model
+from dync.exporter.probe import ORT_ERRORS
 from dync.exporter.repairs import repair_translation_defects
+from dync.exporter.symbolic_batch import symbolic_batch
 from dync.package import BATCH_DIM
-
-INPUT_NAME = "input"
+from dync.plugins.splice import decompose_custom_nodes
+from dync.records import BatchFixRecord
 
 
 @dataclass
 class Captured:
-    """The full graph: one input, and one output per exit named `exit{k}`; `repairs` says which translation
-    defects were repaired in it (`repairs.py`)."""
+    """The full graph: the model inputs, and one output per exit named `exit{k}`; `output_paths` says where
+    each exit is in what the forward returns (`outputs.py`), `picked` how it was chosen when that was a guess,
+    `repairs` which translation defects were repaired in the graph (`repairs.py`), and `batch_fix` how a forward
+that fixes the batch was made to take any (`symbolic_batch.py`)."""
 
     model: onnx.ModelProto
-    input_name: str
+    input_names: list[str]
     exit_names: list[str]
+    output_paths: list[str]
+    picked: str | None = None
     repairs: list[str] = field(default_factory=list)
+    batch_fix: BatchFixRecord | None = None
 
 
 class _SelectExits(torch.nn.Module):
-    """Returns the chosen exits, in the chosen order, so capture drops what no chosen exit needs."""
+    """Calls the model as the example says and returns the chosen exits in the chosen order, so capture drops
+    what no chosen exit needs (auxiliary outputs included)."""
 
-    def __init__(self, model: torch.nn.Module, exits: Sequence[int] | None) -> None:
+    def __init__(self, model: torch.nn.Module, names: Sequence[str], paths: Sequence[str],
+                 exits: Sequence[int] | None) -> None:
         super().__init__()
         self.model = model
+        self.names, self.paths = list(names), list(paths)
         self.exits = list(exits) if exits is not None else None
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outputs = _as_exit_list(self.model(x))
+    def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        outputs = outputs_module.pick(call_model(self.model, self.names, inputs), self.paths)
         return outputs if self.exits is None else [outputs[i] for i in self.exits]
 
 
-def _as_exit_list(outputs: object) -> list[torch.Tensor]:
+def eager_exits(model: torch.nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor],
+                paths: Sequence[str] | None, exits: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """The exits of one eager run, at `paths` (None: the forward returns the exits, as packages written before
+    output paths assume); a failure here means the inputs do not fit this model."""
+    outputs = _eager_outputs(model, names, inputs)
+    return _selected(outputs_module.pick(outputs, paths) if paths is not None else _legacy_exits(outputs), exits)
+
+
+def _selected(found: list[torch.Tensor], exits: Sequence[int] | None) -> list[torch.Tensor]:
+    if exits is None:
+        return found
+    _check_exit_indices(exits, len(found))
+    return [found[i] for i in exits]
+
+
+def _eager_outputs(model: torch.nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> object:
+    try:
+        with torch.no_grad():
+            return call_model(model, names, inputs)
+    except CaptureError:
+        raise
+    except Exception as exc:
+        shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, inputs, strict=True))
+        raise CaptureError(
+            f"the model rejected inputs {shapes} ({type(exc).__name__}: {exc}); pass the shape it expects with "
+            "--input-shape, e.g. 16x3x32x32, or its arguments with --example EXAMPLE.npz."
+        ) from exc
+
+
+def _legacy_exits(outputs: object) -> list[torch.Tensor]:
     if isinstance(outputs, torch.Tensor):
         return [outputs]
     if isinstance(outputs, (list, tuple)) and outputs and all(isinstance(o, torch.Tensor) for o in outputs):
         return list(outputs)
-    raise CaptureError(
-        f"the model's forward returned {type(outputs).__name__}, not a tensor or a list/tuple of exit tensors; "
-        "make forward return the exits' logits as a list, earliest exit first."
-    )
+    raise CaptureError(f"the model's forward returned {type(outputs).__name__}, not the exits this package was "
+                       "exported with; verify against the model the package came from.")
 
 
-def eager_exits(model: torch.nn.Module, x: torch.Tensor, exits: Sequence[int] | None = None) -> list[torch.Tensor]:
-    """Run the eager model once; a failure here means the input shape is wrong for this model."""
-    try:
-        with torch.no_grad():
-            outputs = _as_exit_list(model(x))
-    except CaptureError:
-        raise
-    except Exception as exc:
-        raise CaptureError(
-            f"the model rejected an input of shape {list(x.shape)} ({type(exc).__name__}: {exc}); "
-            "pass the shape it expects with --input-shape, e.g. 16x3x32x32."
-        ) from exc
-    if exits is None:
-        return outputs
-    bad = [i for i in exits if not -len(outputs) <= i < len(outputs)]
+def _check_exit_indices(exits: Sequence[int], count: int) -> None:
+    bad = [i for i in exits if not -count <= i < count]
     if bad or len(set(exits)) != len(exits):
         raise CaptureError(
-            f"--exits {list(exits)} is not a list of distinct indices into the model's {len(outputs)} outputs; "
-            f"pick from 0..{len(outputs) - 1}."
+            f"--exits {list(exits)} is not a list of distinct indices into the model's {count} exits; "
+            f"pick from 0..{count - 1}."
         )
-    return [outputs[i] for i in exits]
 
 
 def check_exit_shapes(outputs: list[torch.Tensor], batch: int) -> None:
-    """The runtime scatters every exit into one `logits` array, so exits must agree on the per-sample shape."""
+    """The runtime compacts and scatters exits by sample, so every exit keeps the batch as its first axis."""
     for k, out in enumerate(outputs):
         if out.dim() == 0 or out.shape[0] != batch:
             raise CaptureError(
                 f"exit {k} has shape {list(out.shape)}, without the batch of {batch} first; "
                 "dync needs every output to keep the batch as its first axis."
             )
-        if out.shape[1:] != outputs[0].shape[1:]:
-            raise CaptureError(
-                f"exit {k} gives per-sample shape {list(out.shape[1:])} but exit 0 gives {list(outputs[0].shape[1:])}; "
-                "select exits of one kind with --exits."
-            )
 
 
-def capture(model: torch.nn.Module, example: torch.Tensor, exits: Sequence[int] | None = None) -> Captured:
-    """Export the full multi-exit graph with a dynamic batch; exit k becomes graph output `exit{k}`."""
-    outputs = eager_exits(model, example, exits)
-    check_exit_shapes(outputs, example.shape[0])
-    exit_names = [f"exit{k}" for k in range(len(outputs))]
-    wrapped = _SelectExits(model, exits)
+def capture(model: torch.nn.Module, example: Example | torch.Tensor, exits: Sequence[int] | None = None,
+            outputs: Sequence[str] | None = None) -> Captured:
+    """Export the full multi-exit graph with a dynamic batch shared by every input; exit k becomes graph output
+    `exit{k}`. `outputs` names the exits in the forward's returned structure (default: `default_paths`)."""
+    if isinstance(example, torch.Tensor):
+        example = Example({INPUT_NAME: example.numpy()})
+    tensors = example.tensors()
+    returned = _eager_outputs(model, example.names, tensors)
+    paths, picked = outputs_module.exit_paths(returned, outputs)
+    found = _selected(outputs_module.pick(returned, paths), exits)
+    check_exit_shapes(found, example.batch)
+    exit_names = [f"exit{k}" for k in range(len(found))]
+    wrapped = _SelectExits(model, example.names, paths, exits)
     wrapped.training = False  # not .eval(): it would recurse into modules that refuse it (see eval_mode)
+    graph = _onnx_graph(wrapped, tensors, example.names, exit_names, "dynamic")
+    batch_fix = None
+    if _fixed_batch(graph) or not _exits_follow_batch(graph, example):
+        graph, batch_fix = _any_batch_graph(wrapped, graph, example, exit_names)
+    graph, repairs = repair_translation_defects(graph)
+    return Captured(model=graph, input_names=example.names, exit_names=exit_names, output_paths=paths,
+                    picked=picked, repairs=repairs, batch_fix=batch_fix)
+
+
+def _onnx_graph(wrapped: torch.nn.Module, tensors: tuple[torch.Tensor, ...], names: list[str], exit_names: list[str],
+                mode: str) -> onnx.ModelProto:
+    """torch.onnx's graph of the wrapped forward. `mode`: "dynamic" (every input's first axis is one symbolic
+    batch, traced by torch.export's non-strict tracer), "bytecode" (each first axis dynamic, traced by
+    TorchDynamo, which keeps `int()` of a float batch symbolic where the non-strict tracer specializes it), or
+    "static" (the example's shapes). TorchDynamo refuses the global module hooks that recognize per-sample
+    convs, so "bytecode" graphs keep those convs as the model wrote them."""
+    assert mode in ("dynamic", "bytecode", "static")
+    batch = torch.export.Dim(BATCH_DIM)
+    recognize = contextlib.nullcontext() if mode == "bytecode" else rewrites.recognize_per_sample_convs(wrapped.model)
     try:
-        with quiet_torch_onnx(), rewrites.recognize_per_sample_convs(model):
+        with quiet_torch_onnx(), recognize:
+            if mode == "bytecode":
+                model: torch.nn.Module | torch.export.ExportedProgram = torch.export.export(
+                    wrapped, tensors, dynamic_shapes=(tuple({0: torch.export.Dim.DYNAMIC} for _ in tensors),),
+                    strict=True)
+                args: tuple = ()
+            else:
+                model, args = wrapped, tensors
             program = torch.onnx.export(
-                wrapped,
-                (example,),
+                model,
+                args,
                 dynamo=True,
-                input_names=[INPUT_NAME],
+                input_names=names,
                 output_names=exit_names,
-                dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},),
+                dynamic_shapes=(tuple({0: batch} for _ in tensors),) if mode == "dynamic" else None,  # *inputs
                 custom_translation_table=rewrites.translations(),
                 verbose=False,
             )
@@ -123,31 +179,59 @@ def capture(model: torch.nn.Module, example: torch.Tensor, exits: Sequence[int] 
         raise _explain_capture_failure(exc) from exc
     graph_outputs = [o.name for o in program.model_proto.graph.output]
     assert graph_outputs == exit_names, f"capture renamed the exits: {graph_outputs}"
-    _check_batch_kept(program.model_proto, wrapped, example)
-    model, repairs = repair_translation_defects(program.model_proto)
-    return Captured(model=model, input_name=INPUT_NAME, exit_names=exit_names, repairs=repairs)
+    return program.model_proto
 
 
-def _check_batch_kept(model: onnx.ModelProto, wrapped: torch.nn.Module, example: torch.Tensor) -> None:
-    """torch.onnx falls back to a static batch when torch.export specializes it; such a graph takes one batch
-    size only, so it is refused with the source line that fixed the batch."""
-    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
-    if batch.HasField("dim_value"):
-        site = _specialization_site(wrapped, example)
-        raise CaptureError(
-            f"the forward fixes the batch size to the example's {batch.dim_value}{site}, so the package would "
-            "take no other batch; compute the batch from x.shape[0] with integer arithmetic (a // b, not "
-            "int(a / b)) or let view/reshape infer it with -1."
-        )
+def _fixed_batch(model: onnx.ModelProto) -> bool:
+    """torch.onnx falls back to a static batch when torch.export specializes it."""
+    return any(i.type.tensor_type.shape.dim[0].HasField("dim_value") for i in model.graph.input)
 
 
-def _specialization_site(model: torch.nn.Module, example: torch.Tensor) -> str:
+def _exits_follow_batch(model: onnx.ModelProto, example: Example) -> bool:
+    """Whether the graph gives the example's first sample alone what it gives it within the example batch.
+    A graph whose input batch is symbolic can still hold the example's batch in a reshape (torch.export may
+    specialize without saying so), and then it computes garbage at any other batch."""
+    session = ort.InferenceSession(decompose_custom_nodes(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    try:
+        whole = session.run(None, example.arrays)
+        alone = session.run(None, {name: a[:1] for name, a in example.arrays.items()})
+    except ORT_ERRORS:
+        return False
+    return all(np.allclose(a, w[:1], rtol=1e-4, atol=1e-5 + 1e-4 * float(np.abs(w).max(initial=0)))
+               for a, w in zip(alone, whole, strict=True))
+
+
+def _any_batch_graph(wrapped: torch.nn.Module, captured: onnx.ModelProto, example: Example,
+                     exit_names: list[str]) -> tuple[onnx.ModelProto, BatchFixRecord]:
+    """A graph for every batch from a forward that fixes it: traced again by TorchDynamo; failing that, from
+    static captures at the example's batch and at one sample more (`symbolic_batch`)."""
+    tensors = example.tensors()
+    site = _specialization_site(wrapped, tensors)
+    located = site.removeprefix(" at ") or "a line torch.export did not name"
+    try:
+        traced = _onnx_graph(wrapped, tensors, example.names, exit_names, "bytecode")
+    except CaptureError:
+        traced = None
+    if traced is not None and not _fixed_batch(traced) and _exits_follow_batch(traced, example):
+        return traced, BatchFixRecord(site=located, method="bytecode", captures=[example.batch], constants=[])
+    b1 = example.batch
+    first = captured if _fixed_batch(captured) else _onnx_graph(wrapped, tensors, example.names, exit_names,
+                                                                "static")
+    grown = tuple(torch.cat([t, t[:1]]) for t in tensors)
+    second = _onnx_graph(wrapped, grown, example.names, exit_names, "static")
+    graph, constants = symbolic_batch(first, b1, second, b1 + 1, site)
+    return graph, BatchFixRecord(site=located, method="two captures", captures=[b1, b1 + 1], constants=constants)
+
+
+def _specialization_site(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> str:
     """' at FILE:LINE (`code`)': the first model line where torch.export specialized the batch, found by
     tracing once more with `torch.export.draft_export`, which records each guard with its user stack; empty
     when it records none."""
     with quiet_torch_onnx():
         try:
-            report = torch.export.draft_export(model, (example,), dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},),
+            batch = torch.export.Dim(BATCH_DIM)
+            report = torch.export.draft_export(model, inputs, dynamic_shapes=(tuple({0: batch} for _ in inputs),),
                                                strict=False)._report
         except Exception as exc:  # the site is a hint on top of the error, which stands without it
             return f" (torch.export.draft_export could not locate the line: {type(exc).__name__})"

@@ -17,8 +17,8 @@ import torch
 from dync.errors import ModelLoadError
 
 
-def load_model(path: str | Path, example: torch.Tensor | None = None) -> torch.nn.Module:
-    """Load `path` in eval mode; `example` is needed only to convert TorchScript."""
+def load_model(path: str | Path, example: tuple[torch.Tensor, ...] | None = None) -> torch.nn.Module:
+    """Load `path` in eval mode; `example` (the forward's inputs) is needed only to convert TorchScript."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist; pass the path of a model saved with torch.save(model).")
@@ -49,7 +49,7 @@ def _archive_kind(path: Path) -> str:
     return "pickle"
 
 
-def _load_pickle(path: Path, example: torch.Tensor | None) -> torch.nn.Module:
+def _load_pickle(path: Path, example: tuple[torch.Tensor, ...] | None) -> torch.nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
@@ -69,7 +69,7 @@ def _load_pickle(path: Path, example: torch.Tensor | None) -> torch.nn.Module:
     return obj
 
 
-def _load_torchscript(path: Path, example: torch.Tensor | None) -> torch.nn.Module:
+def _load_torchscript(path: Path, example: tuple[torch.Tensor, ...] | None) -> torch.nn.Module:
     """TorchScript is converted to a torch.export program so capture sees the same IR as for eager models."""
     from torch._export.converter import TS2EPConverter
 
@@ -78,7 +78,7 @@ def _load_torchscript(path: Path, example: torch.Tensor | None) -> torch.nn.Modu
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # it warns about every unused BatchNorm counter
-            program = TS2EPConverter(scripted, (example,)).convert()
+            program = TS2EPConverter(scripted, example).convert()
     except Exception as exc:
         raise ModelLoadError(
             f"{path} is TorchScript that torch.export cannot convert ({type(exc).__name__}: {exc}); "
@@ -87,7 +87,7 @@ def _load_torchscript(path: Path, example: torch.Tensor | None) -> torch.nn.Modu
     return program.module()
 
 
-def _load_exported_program(path: Path, example: torch.Tensor | None) -> torch.nn.Module:
+def _load_exported_program(path: Path, example: tuple[torch.Tensor, ...] | None) -> torch.nn.Module:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:

@@ -9,6 +9,7 @@ stages, because compaction indexes them by sample.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,8 @@ from polygraphy.backend.onnx import modify_outputs
 
 from dync.errors import CaptureError
 from dync.graph import source_line
+from dync.inputs import random_inputs
+from dync.package import TensorSpec
 
 PROBE_BATCHES = (2, 3)
 ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
@@ -39,29 +42,21 @@ class Probe:
         return list(self.shapes[name][1:])
 
 
-def probe_graph(model: onnx.ModelProto, input_name: str, sample_shape: tuple[int, ...]) -> Probe:
-    """Run `model` with every tensor marked as an output, at two batch sizes."""
+def probe_graph(model: onnx.ModelProto, inputs: Sequence[TensorSpec]) -> Probe:
+    """Run `model` with every tensor marked as an output, at two batch sizes, on random data like `inputs`."""
     session = every_tensor_session(model)
     names = [o.name for o in session.get_outputs()]
-    rng = np.random.default_rng(0)
-    runs = []
-    for batch in PROBE_BATCHES:
-        x = rng.standard_normal((batch, *sample_shape)).astype(np.float32)
+    runs, feeds = [], {}
+    for seed, batch in enumerate(PROBE_BATCHES):
+        feeds = random_inputs(inputs, batch, seed)
         try:
-            runs.append(dict(zip(names, session.run(names, {input_name: x}), strict=True)))
+            runs.append({**feeds, **dict(zip(names, session.run(names, feeds), strict=True))})
         except ORT_ERRORS as exc:
             raise _refused(model, batch, exc) from exc
     first, second = runs
-    batched = {
-        name
-        for name in names
-        if _follows_batch(np.shape(first[name]), np.shape(second[name]))
-    }
-    batched.add(input_name)
+    batched = {name for name in first if _follows_batch(np.shape(first[name]), np.shape(second[name]))}
     shapes = {name: tuple(np.shape(value)) for name, value in first.items()}
-    shapes[input_name] = (PROBE_BATCHES[0], *sample_shape)
     dtypes = {name: np.asarray(value).dtype for name, value in first.items()}
-    dtypes[input_name] = np.dtype(np.float32)
     return Probe(shapes=shapes, dtypes=dtypes, batched=batched)
 
 

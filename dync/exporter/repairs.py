@@ -1,50 +1,130 @@
 """Repairs of known translation defects of `torch.onnx.export(dynamo=True)`, applied to the captured graph.
 
 Each rule fixes one idiom that eager PyTorch accepts and the translation gets wrong, so that models run as
-their authors wrote them; each keeps the graph's inputs, outputs and values (it only removes what eager
-never did).
+their authors wrote them; each keeps the graph's inputs, outputs and values as torch.export traced them. Each
+repair is reported with the model line torch.onnx recorded for the node, and nodes keep that metadata.
 
-* No-op squeeze: `torch.mean(x, dim=1).squeeze(1)` on a (B, N, C) tensor. The mean gives (B, C), and
-  PyTorch's `squeeze(1)` leaves a dim that is not 1 alone, but the translation emits `Squeeze(axes=[1])`,
-  which onnxruntime refuses at load (`Dimension of input 1 must be 1 instead of C`). The rule drops every
-  axis whose static size is not 1 (ONNX shape inference knows it; a symbolic dim is left alone, since it
-  might be 1) and turns a Squeeze left with no axes into an Identity.
+* Squeeze axes (`_squeeze_as_traced`). torch.export traces a squeeze on the shapes it sees: a dim of static
+  size 1 goes, a dim of another static size stays (PyTorch ignores it), and a symbolic dim (the batch, which
+  torch.export assumes is not 1) stays. The translation emits an ONNX Squeeze of the listed axes, or of every
+  size-1 dim at run time when none are listed, which disagrees in two idioms:
+  - `torch.mean(x, dim=1).squeeze(1)` on a (B, N, C) tensor: `Squeeze(axes=[1])` of a dim C != 1, which
+    onnxruntime refuses at load (`Dimension of input 1 must be 1 instead of C`);
+  - `F.adaptive_avg_pool2d(x, 1).squeeze()` on (B, C, 1, 1): `Squeeze()` without axes, which also drops the
+    batch axis when it is 1, i.e. on a batch of one sample and on every stage that runs on one sample after
+    the runtime compacted the batch.
+  The rule lists the axes torch.export squeezed (the dims of static size 1), checked against the rank torch.onnx
+  declared for the output where it declared one, and turns a Squeeze left with no axes into an Identity. A
+  tensor with a dim of unknown size is left alone.
+* Scatter mean (`_scatter_mean`). `x.scatter_reduce(dim, index, src, reduce="mean")` (ToMe's token merging)
+  is translated as `ScatterElements(reduction="none")`: each target gets one of its sources instead of their
+  mean. The node is recognized by the FX node torch.onnx recorded for it (`aten.scatter_reduce.two` with
+  `mean`, writing this very value) and rewritten as the mean it is: sources summed in by `ScatterElements(
+  reduction="add")`, divided by how many values each target received (itself too, unless `include_self=False`,
+  for which the translation has already zeroed the targets), at least 1. Floating-point data only.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from dync.graph import constant, export_graph, import_graph, shape_of
+from dync.graph import Builder, constant, export_graph, import_graph, shape_of, source_line
+
+FX_NODE_KEY = "pkg.torch.onnx.fx_node"
+
+Rule = Callable[[gs.Graph, gs.Node, dict[str, str]], str | None]
+"""Rewrites one node (given its graph and the metadata torch.onnx recorded for it) in place if it shows the
+rule's defect; says what it did, or None."""
 
 
 def repair_translation_defects(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """`model` with every known defect repaired, and one line per repair naming the node."""
+    """`model` with every known defect repaired, and one line per repair naming the node and its model line."""
     graph = import_graph(model, infer_shapes=True)
-    repaired = [line for node in graph.nodes if node.op == "Squeeze" and (line := _noop_squeeze(node)) is not None]
+    originals = {node.name: node for node in model.graph.node if node.name}
+    repaired = []
+    for node in list(graph.nodes):
+        original = originals.get(node.name)
+        metadata = {p.key: p.value for p in original.metadata_props} if original is not None else {}
+        what = next((what for rule in RULES if (what := rule(graph, node, metadata)) is not None), None)
+        if what is not None:
+            where = source_line(original) if original is not None else ""
+            repaired.append(f"{node.name}{f' ({where})' if where else ''}: {what}")
     if not repaired:
         return model, []
     graph.cleanup().toposort()
-    return export_graph(graph, like=model), repaired
+    fixed = export_graph(graph, like=model)
+    for node in fixed.graph.node:  # graphsurgeon drops node metadata; verification reads the source lines in it
+        if node.name in originals:
+            node.metadata_props.extend(originals[node.name].metadata_props)
+    return fixed, repaired
 
 
-def _noop_squeeze(node: gs.Node) -> str | None:
-    """Drop the axes of a Squeeze whose static size is not 1; the repair made, or None."""
+def _squeeze_as_traced(graph: gs.Graph, node: gs.Node, metadata: dict[str, str]) -> str | None:
+    """Make a Squeeze remove exactly the axes torch.export squeezed: those of static size 1."""
+    if node.op != "Squeeze":
+        return None
     shape = shape_of(node.inputs[0])
-    axes = constant(node.inputs[1]) if len(node.inputs) > 1 else None
-    if shape is None or axes is None:
+    if shape is None or any(d is None for d in shape):
         return None
     rank = len(shape)
-    kept = [int(a) for a in axes.reshape(-1) if not (isinstance(shape[int(a) % rank], int)
-                                                      and shape[int(a) % rank] != 1)]
-    if len(kept) == axes.size:
+    listed = len(node.inputs) > 1 and bool(node.inputs[1].name)
+    axes = constant(node.inputs[1]) if listed else np.arange(rank)
+    if axes is None:
         return None
-    dropped = sorted(set(int(a) % rank for a in axes.reshape(-1)) - {a % rank for a in kept})
-    if kept:
-        node.inputs[1] = gs.Constant(f"{node.name}/axes", np.asarray(kept, dtype=np.int64))
+    asked = sorted({int(a) % rank for a in axes.reshape(-1)})
+    traced = [a for a in asked if shape[a] == 1]
+    if traced == asked and (listed or all(isinstance(d, int) for d in shape)):
+        return None
+    declared = shape_of(node.outputs[0])
+    if declared is not None and len(declared) != rank - len(traced):
+        return None
+    if traced:
+        axes_input = gs.Constant(f"{node.name}/axes", np.asarray(traced, dtype=np.int64))
+        if listed:
+            node.inputs[1] = axes_input
+        else:
+            node.inputs.append(axes_input)
     else:
         node.op, node.inputs = "Identity", node.inputs[:1]
-    return (f"{node.name}: Squeeze of axes {dropped} whose size is not 1 (a no-op in PyTorch) "
-            f"{'kept the other axes' if kept else 'became an Identity'}")
+    kept = sorted(set(asked) - set(traced))
+    now = f"now squeezes axes {traced}" if traced else "became an Identity"
+    if listed:
+        return f"Squeeze of axes {asked}, where {kept} are not of size 1 (PyTorch leaves those alone); it {now}"
+    symbolic = [a for a in kept if not isinstance(shape[a], int)]
+    return (f"Squeeze without axes of a [{', '.join(map(str, shape))}] tensor would also remove axes {symbolic} "
+            f"whenever they are 1 at run time (a batch of one); it {now}")
+
+
+_SCATTER_MEAN = re.compile(r"^%(\S+) : .*target=torch\.ops\.aten\.scatter_reduce\.two\]"
+                           r"\(args = \(.*, mean\), kwargs = \{(.*)\}\)$", re.DOTALL)
+
+
+def _scatter_mean(graph: gs.Graph, node: gs.Node, metadata: dict[str, str]) -> str | None:
+    """Rewrite the translation of a `scatter_reduce(..., reduce="mean")` as sum / count."""
+    if node.op != "ScatterElements" or node.attrs.get("reduction", "none") != "none":
+        return None
+    match = _SCATTER_MEAN.match(metadata.get(FX_NODE_KEY, ""))
+    base, index, src = node.inputs
+    out = node.outputs[0]
+    if match is None or match.group(1) != out.name or base.dtype is None or not np.issubdtype(base.dtype, np.floating):
+        return None
+    include_self = "include_self: False" not in match.group(2)
+    axis = node.attrs.get("axis", 0)
+    node.outputs.clear()
+    b = Builder(graph.nodes, f"{node.name}/mean/")
+    sums = b.op("ScatterElements", "sums", [base, index, src], axis=axis, reduction="add")
+    ones = b.op("Expand", "ones", [b.const("one", 1, base.dtype), b.op("Shape", "src_shape", [src])])
+    start = b.op("Expand", "start", [b.const("self_count", int(include_self), base.dtype),
+                                     b.op("Shape", "base_shape", [base])])
+    counts = b.op("ScatterElements", "counts", [start, index, ones], axis=axis, reduction="add")
+    b.op("Div", "mean", [sums, b.op("Max", "at_least_one", [counts, b.const("floor", 1, base.dtype)])], out=out)
+    return ("ScatterElements without a reduction stood for scatter_reduce(reduce='mean') and kept one source per "
+            f"target; it is now the sum of the sources{' and the target' if include_self else ''} over their count")
+
+
+RULES: tuple[Rule, ...] = (_squeeze_as_traced, _scatter_mean)

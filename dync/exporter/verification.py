@@ -28,6 +28,8 @@ from dync.errors import VerificationError
 from dync.exporter.capture import eager_exits
 from dync.exporter.probe import ORT_ERRORS, every_tensor_session
 from dync.graph import source_line
+from dync.inputs import Inputs, batch_of
+from dync.package import Manifest
 from dync.plugins.splice import decompose_custom_nodes
 from dync.records import VerificationRecord
 from dync.runtime.engine import Engine
@@ -51,38 +53,41 @@ class BatchErrors:
     scale: float
 
 
-def eager_reference(model: torch.nn.Module, x: np.ndarray, exits: Sequence[int] | None) -> list[np.ndarray]:
-    """Every exit's eager output on `x`, as numpy."""
-    return [o.numpy() for o in eager_exits(model, torch.from_numpy(x), exits)]
+def eager_reference(model: torch.nn.Module, feeds: dict[str, np.ndarray], manifest: Manifest) -> list[np.ndarray]:
+    """Every exit's eager output on `feeds`, as numpy, picked from the forward's outputs as the package was."""
+    tensors = [torch.from_numpy(feeds[t.name]) for t in manifest.inputs]
+    return [o.numpy() for o in eager_exits(model, [t.name for t in manifest.inputs], tensors,
+                                           manifest.output_selection, manifest.exit_selection)]
 
 
-def batch_errors(engine: Engine, reference: list[np.ndarray], x: np.ndarray) -> BatchErrors:
-    """The package on `x` against eager's `reference`: each exit forced, then the batch split over the exits."""
+def batch_errors(engine: Engine, reference: list[np.ndarray], feeds: dict[str, np.ndarray]) -> BatchErrors:
+    """The package on `feeds` against eager's `reference`: each exit forced, then the batch split over the exits."""
     num_exits = engine.num_exits
     if len(reference) != num_exits:
         raise VerificationError(
             f"the model has {len(reference)} exits but package '{engine.manifest.name}' has {num_exits}; "
             "verify against the model the package was exported from."
         )
-    forced = [_max_abs(engine.execute(x, forcing_thresholds(k, num_exits)).logits, reference[k])
+    forced = [_max_abs(engine.execute(feeds, forcing_thresholds(k, num_exits)).output(k), reference[k])
               for k in range(num_exits)]
     relative = [error / max(float(np.abs(r).max()), 1e-12) for error, r in zip(forced, reference, strict=True)]
-    mixed = engine.execute(x, even_split_thresholds([e.criterion for e in engine.manifest.exits], reference))
-    expected = np.stack(reference)[mixed.exit, np.arange(len(x))]
-    return BatchErrors(len(x), forced, relative, _max_abs(mixed.logits, expected),
+    mixed = engine.execute(feeds, even_split_thresholds(engine.criteria.confidences(reference)))
+    mixed_error = max(_max_abs(mixed.output(k), r[mixed.exit == k]) for k, r in enumerate(reference))
+    return BatchErrors(batch_of(feeds), forced, relative, mixed_error,
                        np.bincount(mixed.exit, minlength=num_exits).tolist(),
                        max(float(np.abs(r).max()) for r in reference))
 
 
-def check_package(engine: Engine, model: torch.nn.Module, inputs: Sequence[np.ndarray], rtol: float = DEFAULT_RTOL,
+def check_package(engine: Engine, model: torch.nn.Module, inputs: Sequence[Inputs], rtol: float = DEFAULT_RTOL,
                   atol: float = DEFAULT_ATOL, progress: Progress | None = None) -> VerificationRecord:
     """The verification record of `engine` against eager `model` over each batch of `inputs`: worst errors
     over all batches, passed when every error is within `atol + rtol * max |reference|` of its batch."""
     report = progress or (lambda message: None)
     results = []
     for x in inputs:
-        engine.check_input(x)
-        result = batch_errors(engine, eager_reference(model, x, engine.manifest.exit_selection), x)
+        feeds = engine.input_feeds(x)
+        engine.check_feeds(feeds)
+        result = batch_errors(engine, eager_reference(model, feeds, engine.manifest), feeds)
         if len(inputs) == 1:
             for k, (error, relative) in enumerate(zip(result.forced, result.relative, strict=True)):
                 report(f"exit {k}: max abs error {error:.3g}, relative {relative:.3g}")
@@ -193,8 +198,8 @@ class StageCheck:
         self.rtol, self.atol = rtol, atol
 
     @classmethod
-    def on_random_input(cls, stages: Sequence[Any], input_name: str, shape: Sequence[int]) -> StageCheck:
-        state = {input_name: np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    def on_inputs(cls, stages: Sequence[Any], inputs: dict[str, np.ndarray]) -> StageCheck:
+        state = dict(inputs)
         feeds, outputs = [], []
         for stage in stages:
             feeds.append({name: state[name] for name in stage.reads})

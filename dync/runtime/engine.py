@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,17 +10,42 @@ from typing import Any
 import numpy as np
 
 from dync.errors import InputError
-from dync.package import Manifest, load_manifest
+from dync.inputs import Inputs, batch_of, random_inputs
+from dync.package import Manifest, TensorSpec, load_manifest
 from dync.runtime.backends import Backend, make_backend
-from dync.runtime.exit_rule import confidence, resolve_thresholds
+from dync.runtime.exit_rule import ExitCriteria, resolve_thresholds
 
 
 @dataclass
 class RunResult:
-    """`logits[i]` is the output of the exit sample i took; `exit[i]` is that exit's index."""
+    """`exit[i]` is the index of the exit sample i took. When the exits share a per-sample shape, `logits[i]` is
+    that exit's output for sample i; otherwise `per_exit[k]` holds exit k's output in the rows of the samples
+    that took it (zeros elsewhere), and `output(k)` reads those rows whatever the shapes."""
 
-    logits: np.ndarray
     exit: np.ndarray
+    merged: np.ndarray | None = None
+    per_exit: list[np.ndarray] | None = None
+
+    @property
+    def logits(self) -> np.ndarray:
+        if self.merged is None:
+            raise InputError("this package's exits have different per-sample shapes, so there is no single logits "
+                             "array; read result.output(k) or result.per_exit[k] where result.exit == k.")
+        return self.merged
+
+    def output(self, k: int) -> np.ndarray:
+        """Exit k's outputs for the samples that took it, in input order."""
+        source = self.merged if self.merged is not None else self.per_exit[k]
+        return source[self.exit == k]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What `dync run` saves: `logits` and `exit`; or, with per-sample shapes that differ, `exit` and per exit
+        k `exit{k}` with its mask `exit{k}_taken`."""
+        if self.merged is not None:
+            return {"logits": self.merged, "exit": self.exit}
+        per_exit = {f"exit{k}": out for k, out in enumerate(self.per_exit)}
+        taken = {f"exit{k}_taken": self.exit == k for k in range(len(self.per_exit))}
+        return {"exit": self.exit, **per_exit, **taken}
 
 
 class Engine:
@@ -28,7 +53,10 @@ class Engine:
         self.package_dir = package_dir
         self.manifest = manifest
         self.backend = backend
+        self.criteria = ExitCriteria(package_dir, manifest.exits)
         self._live_after = _live_state(manifest)
+        shapes = {tuple(e.shape[1:]) for e in manifest.exits if e.shape is not None}
+        self._one_exit_shape = len(shapes) <= 1
 
     @classmethod
     def load(cls, package: str | Path, backend: str = "ort", **backend_options: Any) -> Engine:
@@ -40,29 +68,36 @@ class Engine:
     def num_exits(self) -> int:
         return len(self.manifest.stages)
 
-    def run(self, x: np.ndarray, thresholds: Sequence[float] | None = None) -> RunResult:
-        """Run a batch; without thresholds the package's are used, and without those every sample runs to
-        the last exit."""
-        self.check_input(x)
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.manifest.inputs]
+
+    def run(self, *inputs: Inputs | Sequence[float] | None, thresholds: Sequence[float] | None = None) -> RunResult:
+        """Run a batch: `run(x)`, `run(x, t, y)` in the package's input order, or `run({"x": ..., "t": ...})`;
+        without thresholds the package's are used, and without those every sample runs to the last exit. One
+        positional argument after the inputs is taken as the thresholds."""
+        feeds, thresholds = self._feeds_and_thresholds(inputs, thresholds)
+        self.check_feeds(feeds)
         if thresholds is None:
             thresholds = self.manifest.thresholds
-        return self.execute(x, resolve_thresholds(thresholds, self.num_exits))
+        return self.execute(feeds, resolve_thresholds(thresholds, self.num_exits))
 
     def execute(
-        self, x: np.ndarray, thresholds: np.ndarray, observe: Callable[[int, dict[str, np.ndarray]], None] | None = None
+        self, x: Inputs, thresholds: np.ndarray, observe: Callable[[int, dict[str, np.ndarray]], None] | None = None
     ) -> RunResult:
-        """The executor, on checked input: stage by stage, exits leave, the rest of the batch is compacted.
+        """The executor, on checked input: stage by stage, exits leave, the rest of the batch is compacted (every
+        input a later stage reads is compacted with the carried state).
 
         `observe(k, state)`, if given, sees the state held when stage k starts (profiling replays it).
         """
-        batch = x.shape[0]
         state = self.input_feeds(x)
+        batch = batch_of(state)
         if self.num_exits == 1 and observe is None:  # nothing to decide: one call, no bookkeeping
             stage = self.manifest.stages[0]
             logits = self.backend.run(stage, {name: state[name] for name in stage.reads})[stage.exit.output]
-            return RunResult(logits=logits, exit=np.zeros(batch, dtype=np.int64))
+            return RunResult(exit=np.zeros(batch, dtype=np.int64), merged=logits)
         running = np.arange(batch)
-        logits: np.ndarray | None = None
+        collected = _Collected(batch, self.manifest, self._one_exit_shape)
         exits = np.full(batch, -1, dtype=np.int64)
         last = self.num_exits - 1
         for k, stage in enumerate(self.manifest.stages):
@@ -71,14 +106,12 @@ class Engine:
             outputs = self.backend.run(stage, {name: state[name] for name in stage.reads})
             state.update((name, outputs[name]) for name in stage.writes)
             exit_logits = outputs[stage.exit.output]
-            if logits is None:
-                logits = np.empty((batch, *exit_logits.shape[1:]), dtype=exit_logits.dtype)
             leave = (
                 np.ones(len(running), dtype=bool)
                 if k == last
-                else confidence(stage.exit.criterion, exit_logits) >= thresholds[k]
+                else self.criteria.confidence(k, exit_logits) >= thresholds[k]
             )
-            logits[running[leave]] = exit_logits[leave]
+            collected.put(k, running[leave], exit_logits[leave])
             exits[running[leave]] = k
             if leave.all():
                 break
@@ -87,43 +120,102 @@ class Engine:
                 keep = ~leave
                 running = running[keep]
                 state = {name: value[keep] for name, value in state.items()}
-        assert logits is not None and (exits >= 0).all()
-        return RunResult(logits=logits, exit=exits)
+        assert (exits >= 0).all()
+        return collected.result(exits)
 
-    def input_feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """`x` under the package input's name, as the first stage and `backend.run_static` take it."""
+    def input_feeds(self, x: Inputs) -> dict[str, np.ndarray]:
+        """The batch by input name, as the first stage and `backend.run_static` take it: an array is the one
+        input of a one-input package, a mapping is taken as it is."""
+        if isinstance(x, Mapping):
+            return dict(x)
+        if len(self.manifest.inputs) != 1:
+            raise InputError(f"package '{self.manifest.name}' takes {len(self.manifest.inputs)} inputs "
+                             f"({', '.join(self.input_names)}); pass them in that order or as a dict keyed by name.")
         return {self.manifest.inputs[0].name: x}
 
-    def example_input(self, batch: int, seed: int = 0) -> np.ndarray:
-        """Standard-normal data of the package's input shape, for verification and benchmarks."""
-        spec = self.manifest.inputs[0]
-        rng = np.random.default_rng(seed)
-        return rng.standard_normal((batch, *spec.shape[1:])).astype(spec.dtype)
+    def example_input(self, batch: int, seed: int = 0) -> Inputs:
+        """Random data of the package's inputs (see `dync.inputs.random_inputs`), for verification and
+        benchmarks: an array for a one-input package, a dict by name otherwise."""
+        feeds = random_inputs(self.manifest.inputs, batch, seed)
+        return next(iter(feeds.values())) if len(feeds) == 1 else feeds
 
-    def check_input(self, x: np.ndarray) -> None:
-        spec = self.manifest.inputs[0]
-        expected = tuple(spec.shape[1:])
-        if not isinstance(x, np.ndarray):
-            raise InputError(f"input must be a numpy array, got {type(x).__name__}.")
-        if x.dtype != np.dtype(spec.dtype):
-            raise InputError(
-                f"input has dtype {x.dtype} but package '{self.manifest.name}' expects {spec.dtype}; "
-                f"convert it with x.astype(np.{spec.dtype})."
-            )
-        if x.ndim != len(spec.shape) or tuple(x.shape[1:]) != expected or x.shape[0] < 1:
-            raise InputError(
-                f"input has shape {list(x.shape)} but package '{self.manifest.name}' expects "
-                f"[batch, {', '.join(map(str, expected))}] with batch >= 1; reshape the data to match."
-            )
-        if np.isfinite(x.sum()):  # NaN/inf propagate into the sum; an overflow only means the full check below
-            return
-        bad = ~np.isfinite(x)
-        if bad.any():
-            samples = np.unique(np.nonzero(bad.reshape(x.shape[0], -1))[0])
-            raise InputError(
-                f"input has {int(bad.sum())} NaN/inf values in {len(samples)} sample(s) (first: sample "
-                f"{int(samples[0])}); clean or drop those samples before running."
-            )
+    def check_input(self, x: Inputs) -> None:
+        self.check_feeds(self.input_feeds(x))
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Every package input present, of its dtype and per-sample shape, all sharing a batch, and finite."""
+        names = self.input_names
+        if sorted(feeds) != sorted(names):
+            raise InputError(f"package '{self.manifest.name}' takes the inputs {names}, but got {sorted(feeds)}; "
+                             "key the arrays by those names.")
+        for spec in self.manifest.inputs:
+            _check_array(self.manifest.name, spec, feeds[spec.name], len(names) > 1)
+        batches = {name: feeds[name].shape[0] for name in names}
+        if len(set(batches.values())) != 1:
+            raise InputError(f"the inputs of package '{self.manifest.name}' must share the batch, but their first "
+                             f"axes are {batches}; give every input the same number of samples.")
+
+    def _feeds_and_thresholds(self, args: tuple, thresholds: Sequence[float] | None
+                              ) -> tuple[dict[str, np.ndarray], Sequence[float] | None]:
+        count = len(self.manifest.inputs)
+        if len(args) in (1, 2) and isinstance(args[0], Mapping):
+            feeds, rest = dict(args[0]), args[1:]
+        elif len(args) in (count, count + 1):
+            feeds, rest = dict(zip(self.input_names, args[:count], strict=True)), args[count:]
+        else:
+            raise InputError(f"package '{self.manifest.name}' takes {count} input(s) ({', '.join(self.input_names)}) "
+                             f"but run got {len(args)} arguments; pass the inputs in that order or as a dict.")
+        if rest and thresholds is not None:
+            raise InputError("thresholds were given both positionally and by keyword; give them once.")
+        return feeds, (rest[0] if rest else thresholds)
+
+
+def _check_array(package: str, spec: TensorSpec, x: Any, named: bool) -> None:
+    what = f"input '{spec.name}'" if named else "input"
+    expected = tuple(spec.shape[1:])
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"{what} must be a numpy array, got {type(x).__name__}.")
+    if x.dtype != np.dtype(spec.dtype):
+        raise InputError(
+            f"{what} has dtype {x.dtype} but package '{package}' expects {spec.dtype}; "
+            f"convert it with x.astype(np.{spec.dtype})."
+        )
+    if x.ndim != len(spec.shape) or tuple(x.shape[1:]) != expected or x.shape[0] < 1:
+        raise InputError(
+            f"{what} has shape {list(x.shape)} but package '{package}' expects "
+            f"[batch, {', '.join(map(str, expected))}] with batch >= 1; reshape the data to match."
+        )
+    if x.dtype.kind != "f" or np.isfinite(x.sum()):  # NaN/inf propagate into the sum; an overflow only means
+        return                                      # the full check below
+    bad = ~np.isfinite(x)
+    if bad.any():
+        samples = np.unique(np.nonzero(bad.reshape(x.shape[0], -1))[0])
+        raise InputError(
+            f"{what} has {int(bad.sum())} NaN/inf values in {len(samples)} sample(s) (first: sample "
+            f"{int(samples[0])}); clean or drop those samples before running."
+        )
+
+
+class _Collected:
+    """Exit outputs scattered back to input order: one array when the exits share a per-sample shape, else one
+    per exit (an exit no sample reached stays zeros, of the shape the manifest gives it)."""
+
+    def __init__(self, batch: int, manifest: Manifest, one_shape: bool) -> None:
+        self.batch, self.manifest, self.one_shape = batch, manifest, one_shape
+        self.arrays: dict[int, np.ndarray] = {}
+
+    def put(self, k: int, rows: np.ndarray, values: np.ndarray) -> None:
+        key = 0 if self.one_shape else k
+        if key not in self.arrays:
+            self.arrays[key] = np.zeros((self.batch, *values.shape[1:]), dtype=values.dtype)
+        self.arrays[key][rows] = values
+
+    def result(self, exits: np.ndarray) -> RunResult:
+        if self.one_shape:
+            return RunResult(exit=exits, merged=self.arrays[0])
+        per_exit = [self.arrays.get(k, np.zeros((self.batch, *e.shape[1:]), dtype=np.float32))
+                    for k, e in enumerate(self.manifest.exits)]
+        return RunResult(exit=exits, per_exit=per_exit)
 
 
 def _live_state(manifest: Manifest) -> list[set[str]]:

@@ -70,10 +70,10 @@ def test_shares_are_met_exactly_without_ties(seed: int) -> None:
     assert _exit_counts(confidences, got) == counts.tolist()
 
 
-def test_even_split_from_logits() -> None:
+def test_even_split_sends_equal_shares() -> None:
     rng = np.random.default_rng(1)
     outputs = [rng.standard_normal((30, 10)) * (k + 1) for k in range(3)]
-    got = even_split_thresholds(["max_softmax"] * 3, outputs)
     confidences = [np.exp(o).max(axis=1) / np.exp(o).sum(axis=1) for o in outputs]
+    got = even_split_thresholds(confidences)
     assert got.shape == (2,)
     assert _exit_counts(confidences, got) == [10, 10, 10]

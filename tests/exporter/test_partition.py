@@ -63,7 +63,7 @@ def test_replicated_nodes_are_batch_independent_and_owned_earlier(zoo_export: Ex
 
 
 def test_carried_state_is_batched_and_written_before_it_is_read(zoo_export: Exported) -> None:
-    input_name = zoo_export.captured.input_name
+    input_name = zoo_export.captured.input_names[0]
     written: set[str] = set()
     for k, stage in enumerate(zoo_export.stages):
         carried = [r for r in stage.reads if r != input_name]
@@ -103,7 +103,7 @@ def test_merged_static_model_equals_the_captured_graph(zoo_export: Exported) -> 
     full = zoo_export.captured.model
     assert sorted(n.name for n in merged.graph.node) == sorted(node_names(full))
     x = random_input(zoo_export.sample_shape, 5, seed=1)
-    feed = {zoo_export.captured.input_name: x}
+    feed = {zoo_export.captured.input_names[0]: x}
     got = _session(merged).run(zoo_export.captured.exit_names, feed)
     ref = _session(full).run(zoo_export.captured.exit_names, feed)
     for k, (g, r) in enumerate(zip(got, ref, strict=True)):

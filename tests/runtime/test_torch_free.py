@@ -2,10 +2,11 @@
 it gives with torch present.
 
 Each package kind (multi-exit, spatial gather-scatter as standard ONNX and as `dync::` plugin nodes,
-per-sample conv, token dispatch) is exported once per module, then run in a subprocess whose import system
-refuses those modules, at batch 5 and batch 1 (the fixed-shape sessions are per batch size), and compared
-with the same runs here: same onnxruntime graphs, same input, so logits and exits must be bitwise equal. A
-refused import fails the subprocess with a ModuleNotFoundError naming the chain of modules that asked for it.
+per-sample conv, token dispatch, a user exit criterion's ONNX graph) is exported once per module, then run in
+a subprocess whose import system refuses those modules, at batch 5 and batch 1 (the fixed-shape sessions are
+per batch size), and compared with the same runs here: same onnxruntime graphs, same input, so logits and exits
+must be bitwise equal. A refused import fails the subprocess with a ModuleNotFoundError naming the chain of
+modules that asked for it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import pytest
 import torch
 
 import dync
-from tests.helpers import eager_outputs, softmax_confidence, spread_thresholds
+from dync.runtime.engine import Engine
+from tests.helpers import eager_outputs, spread_thresholds
+from tests.models import TINY_SHAPE, tiny_model
 from zoo import random_input
 from zoo.arc import ARC_ZOO
 from zoo.multi_exit import ZOO
@@ -149,12 +152,17 @@ def _dyt() -> tuple[torch.nn.Module, tuple[int, ...], dict[str, Any]]:
     return model.eval(), shape, {}
 
 
+def _custom_criterion() -> tuple[torch.nn.Module, tuple[int, ...], dict[str, Any]]:
+    return tiny_model(), TINY_SHAPE, {"criterion": "tests.criteria_fixture:top1_minus_mean"}
+
+
 KINDS: dict[str, Callable[[], tuple[torch.nn.Module, tuple[int, ...], dict[str, Any]]]] = {
     "multi_exit-msdnet": _msdnet,
     "spatial-lasnet_cifar": _lasnet,
     "spatial_plugins-lasnet_cifar": _lasnet_plugins,
     "per_sample_conv-arc_conv": _arc,
     "tokens-dyt_tiny": _dyt,
+    "custom_criterion-tiny": _custom_criterion,
 }
 """kind -> (model, example input shape, export options)."""
 
@@ -167,23 +175,23 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return Case(request.param, model, package, tuple(shape[1:]))
 
 
-def _jobs(case: Case, num_exits: int, tmp_path: Path) -> list[dict[str, Any]]:
+def _jobs(case: Case, engine: Engine, tmp_path: Path) -> list[dict[str, Any]]:
     """Batch 5 then batch 1, each without thresholds and, for several exits, with thresholds spreading the
-    samples over the exits (by eager confidences)."""
+    samples over the exits (by the package's criterion on eager outputs)."""
     jobs = []
     for batch in BATCHES:
         x = random_input(case.sample_shape, batch, seed=batch)
         np.save(tmp_path / f"x{batch}.npy", x)
         jobs.append({"x": str(tmp_path / f"x{batch}.npy"), "thresholds": None})
-        if num_exits > 1:
-            confidences = [softmax_confidence(o) for o in eager_outputs(case.model, x)]
+        if engine.num_exits > 1:
+            confidences = engine.criteria.confidences(eager_outputs(case.model, x))
             jobs.append({"x": jobs[-1]["x"], "thresholds": spread_thresholds(confidences).thresholds})
     return jobs
 
 
 def test_runs_without_torch_and_equals_the_run_with_torch(case: Case, tmp_path: Path) -> None:
     engine = dync.load(case.package)
-    jobs = _jobs(case, engine.num_exits, tmp_path)
+    jobs = _jobs(case, engine, tmp_path)
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     result = run_without_torch(RUN, str(case.package), str(tmp_path / "jobs.json"), str(tmp_path / "out.npz"))
     if result.returncode != 0:

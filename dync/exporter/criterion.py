@@ -82,12 +82,13 @@ class ExitCriterion:
             (got,) = session.run(None, {"logits": logits.numpy()})
             expected = self._call(logits).numpy()
             if got.shape != expected.shape or not np.allclose(got, expected, rtol=RTOL, atol=ATOL):
-                difference = (f"gives shape {list(got.shape)}" if got.shape != expected.shape
-                              else f"differs by up to {float(np.abs(got - expected).max()):.3g}")
+                difference = (f"shape {list(got.shape)} instead of {list(expected.shape)}"
+                              if got.shape != expected.shape
+                              else f"by up to {float(np.abs(got - expected).max()):.3g}")
                 raise InputError(
-                    f"exit criterion '{self.name}' exported to ONNX {difference} from the PyTorch function on "
-                    f"logits {list(logits.shape)}; compute the confidence from the batch it is given, with "
-                    "operations torch.onnx exports faithfully (avoid in-place updates and fixed batch sizes)."
+                    f"exit criterion '{self.name}' exported to ONNX disagrees with the PyTorch function on logits "
+                    f"{list(logits.shape)} ({difference}); compute the confidence from the batch it is given alone, "
+                    "with operations torch.onnx exports faithfully (no state kept between calls, no fixed batch size)."
                 )
         return model
 

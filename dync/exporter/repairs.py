@@ -22,10 +22,16 @@ repair is reported with the model line torch.onnx recorded for the node, and nod
   `mean`, writing this very value) and rewritten as the mean it is: sources summed in by `ScatterElements(
   reduction="add")`, divided by how many values each target received (itself too, unless `include_self=False`,
   for which the translation has already zeroed the targets), at least 1. Floating-point data only.
+* Antialiased resize by a factor (`_antialias_scales`). `F.interpolate(x, scale_factor=s, mode="bilinear" or
+  "bicubic", antialias=True)` is translated as a Resize to the output size, but PyTorch maps coordinates and
+  sizes its filter by `s` itself, not by output size / input size (0.6 on 6 pixels gives 3, and a filter for
+  0.6, not 0.5). The Resize, recognized by its FX node (`_upsample_*2d_aa` with scales, writing this value),
+  gets the scales instead of the sizes, once `floor(input size * s)` is checked to give the same output size.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -90,7 +96,9 @@ def _squeeze_as_traced(graph: gs.Graph, node: gs.Node, metadata: dict[str, str])
         else:
             node.inputs.append(axes_input)
     else:
-        node.op, node.inputs = "Identity", node.inputs[:1]
+        node.op = "Identity"
+        if listed:
+            node.inputs.pop()
     kept = sorted(set(asked) - set(traced))
     now = f"now squeezes axes {traced}" if traced else "became an Identity"
     if listed:
@@ -127,4 +135,30 @@ def _scatter_mean(graph: gs.Graph, node: gs.Node, metadata: dict[str, str]) -> s
             f"target; it is now the sum of the sources{' and the target' if include_self else ''} over their count")
 
 
-RULES: tuple[Rule, ...] = (_squeeze_as_traced, _scatter_mean)
+_ANTIALIAS = re.compile(r"^%(\S+) : .*target=torch\.ops\.aten\._upsample_(?:bilinear|bicubic)2d_aa\.default\]"
+                        r"\(args = \(%\S+, \[(\d+), (\d+)\], False, ([^,\s]+), ([^,\s]+)\), kwargs = \{\}\)$",
+                        re.DOTALL)
+
+
+def _antialias_scales(graph: gs.Graph, node: gs.Node, metadata: dict[str, str]) -> str | None:
+    """Resize an antialiased interpolation by the factors the model gave, as PyTorch does, not to the size."""
+    if node.op != "Resize" or not node.attrs.get("antialias") or len(node.inputs) != 4 or node.inputs[2].name:
+        return None
+    match = _ANTIALIAS.match(metadata.get(FX_NODE_KEY, ""))
+    shape = shape_of(node.inputs[0])
+    if match is None or match.group(1) != node.outputs[0].name or shape is None or len(shape) != 4:
+        return None
+    size, factors = [int(match.group(2)), int(match.group(3))], [match.group(4), match.group(5)]
+    try:
+        scales = [float(f) for f in factors]
+    except ValueError:  # None: PyTorch itself resizes to the size then
+        return None
+    if [math.floor(d * s) if isinstance(d, int) else None for d, s in zip(shape[2:], scales, strict=True)] != size:
+        return None
+    node.inputs[2] = gs.Constant(f"{node.name}/scales", np.asarray([1.0, 1.0, *scales], dtype=np.float32))
+    node.inputs.pop()
+    return (f"antialiased Resize to the size {size} now resizes by the model's factors {scales}, which set "
+            "PyTorch's filter and coordinates")
+
+
+RULES: tuple[Rule, ...] = (_squeeze_as_traced, _scatter_mean, _antialias_scales)

@@ -4,7 +4,7 @@ plugin splicing. onnx-graphsurgeon underneath; torch-free.
 * import and export: `import_graph` (optionally with inferred shapes) and `export_graph`, which carries over
   what graphsurgeon drops (IR version, model and value metadata);
 * queries: `default_opset`, `producer`, `only_consumer`, `constant`, `scalar`, `all_ones`, `shape_of`, `rank`,
-  `source_line` (the model source line torch.onnx recorded for a node);
+  `source_line` (the model source line torch.onnx recorded for a node), `innermost_frame`;
 * building: `Builder`, which appends named nodes and constants to a graph's (or a branch's) node list.
 """
 
@@ -101,9 +101,15 @@ def rank(tensor: gs.Tensor) -> int | None:
 def source_line(node: onnx.NodeProto) -> str:
     """The innermost frame of the stack trace torch.onnx keeps in a node's metadata ('File "f.py", line 3, in
     g'), empty when the node has none (a node dync wrote, or a model from elsewhere)."""
-    trace = next((p.value for p in node.metadata_props if p.key == STACK_TRACE_KEY), "")
+    return innermost_frame(next((p.value for p in node.metadata_props if p.key == STACK_TRACE_KEY), ""))
+
+
+def innermost_frame(trace: str) -> str:
+    """The innermost 'File "f.py", line 3, in g' line of a Python stack trace that is not torch's own code (an
+    `nn.ReLU` module's frame is torch's; the model line that called it is the user's); empty when none."""
     frames = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
-    return frames[-1] if frames else ""
+    users = [f for f in frames if "/torch/" not in f.replace("\\", "/")]
+    return (users or frames or [""])[-1]
 
 
 # --------------------------------------------------------------------------------------------- building

@@ -47,27 +47,30 @@ def import_timm() -> ModuleType:
     return timm
 
 
-def perturb_constants(model: nn.Module) -> None:
-    """Add noise to every constant parameter and to BatchNorm statistics: random init leaves zero heads
-    (torchvision's ViT), zero-init residual gammas, 1e-6 layer scales and identity norms, under which a wrongly
-    exported branch or norm would not change the logits."""
+def randomize(model: nn.Module) -> None:
+    """Re-draw the weights so that the logits depend on the input and every branch counts: conv and linear weights
+    variance-preserving (timm's trunc_normal(0.02) and GoogLeNet's init make deep random models output nearly
+    constant logits), noise on every constant parameter (zero heads, zero-init residual gammas, 1e-6 layer scales,
+    identity norms) and non-trivial BatchNorm statistics."""
     with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
         for param in model.parameters():
             if param.is_floating_point() and bool((param == param.flatten()[0]).all()):
                 param.add_(0.1 * torch.randn_like(param))
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
-                module.running_mean.normal_(0.0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
 
 
 def build(library: str, name: str, **kwargs: Any) -> nn.Module:
     """`name` (a torchvision builder or model class, or a timm model name) with `NUM_CLASSES` outputs, seeded
-    random weights and no constant parameters, in eval mode."""
+    random weights (`randomize`), in eval mode."""
     torch.manual_seed(0)
     if library == "torchvision":
         model = getattr(import_torchvision().models, name)(num_classes=NUM_CLASSES, **kwargs)
     else:
         model = import_timm().create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
-    perturb_constants(model)
+    randomize(model)
     return model.eval()

@@ -1,8 +1,9 @@
 """Small modules written the way research code writes one thing, quirks included, for the idiom tests.
 
-Each class reproduces an idiom of published code (the repository it comes from is named), not the code
-itself. Some capture exactly at every batch; some make `torch.export` fix the batch or mistranslate, and
-are what export verification exists for.
+Each class reproduces an idiom of published code (its docstring names the repository), not the code itself,
+and says the per-sample input shape it takes. Some capture exactly at every batch; some make `torch.export`
+fix the batch, and some are mistranslated by torch.onnx and exact only through a capture-time repair
+(`dync/exporter/repairs.py`); `tests/exporter/test_idioms.py` says which is which.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
 
 
 class SwinWindowBlock(nn.Module):
-    """Patch embedding, a per-window MLP between partition and reverse, pooled classifier: [B, 3, 16, 16]."""
+    """microsoft/Swin-Transformer (window partition and reverse): patch embedding, a per-window MLP between
+    `window_partition` and `window_reverse`, pooled classifier: [B, 3, 16, 16]."""
 
     def __init__(self, dim: int = 8, window_size: int = 4, num_classes: int = 5) -> None:
         super().__init__()
@@ -52,8 +54,9 @@ class SwinWindowBlock(nn.Module):
 
 
 class MeanThenNoOpSqueeze(nn.Module):
-    """Token pooling as DynamicViT-style heads write it: `torch.mean(x, dim=1).squeeze(1)` on [B, N, C], where
-    the squeeze does nothing in PyTorch (C != 1) but is translated as an ONNX Squeeze of axis 1."""
+    """LeapLabTHU/Dynamic_Perceiver (its exits pool the latents so): `torch.mean(x, dim=1).squeeze(1)` on
+    [B, N, C], where the squeeze does nothing in PyTorch (C != 1) but is translated as an ONNX Squeeze of axis
+    1: [B, 5, 12]."""
 
     def __init__(self, tokens: int = 5, dim: int = 12, num_classes: int = 4) -> None:
         super().__init__()
@@ -409,9 +412,10 @@ class GatherAndIndexSelect(nn.Module):
 
 
 class CausalMaskedFillInPlace(nn.Module):
-    """karpathy/minGPT (causal self-attention): a `torch.tril` buffer sliced to the sequence, `att.masked_fill_(
-    self.bias[:, :, :T, :T] == 0, float('-inf'))` in place, `1.0 / math.sqrt(k.size(-1))` scaling and `.view(B, T,
-    n_head, C // n_head)`: [B, 6, 8]."""
+    """karpathy/minGPT (causal self-attention): a `torch.tril` buffer sliced to the sequence, `1.0 / math.sqrt(
+    k.size(-1))` scaling, `.view(B, T, n_head, C // n_head)`, and the mask applied in place as LeapLabTHU/
+    Dynamic_Perceiver's attention does, `att.masked_fill_(self.bias[:, :, :T, :T] == 0, float('-inf'))`:
+    [B, 6, 8]."""
 
     def __init__(self, dim: int = 8, n_head: int = 2, block_size: int = 8, num_classes: int = 5) -> None:
         super().__init__()

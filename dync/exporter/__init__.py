@@ -26,7 +26,13 @@ from dync.exporter.partition import Stage, partition
 from dync.exporter.passes import FORMS, PASSES, Pass, PassContext
 from dync.exporter.passes.spatial import check_crossover
 from dync.exporter.probe import Probe, probe_graph
-from dync.exporter.verification import StageCheck, check_package, disagreement, first_batch_dependence
+from dync.exporter.verification import (
+    StageCheck,
+    check_package,
+    disagreement,
+    first_batch_dependence,
+    first_eager_difference,
+)
 from dync.graph import default_opset
 from dync.inputs import random_inputs
 from dync.package import (
@@ -175,11 +181,29 @@ def _verified(package: Path, model: torch.nn.Module, captured: Captured, example
         return record
     dependence = first_batch_dependence(captured.model, example.arrays)
     if dependence is None:
-        raise disagreement(engine.manifest.name, record)
+        raise _located_disagreement(engine.manifest.name, record, captured, example)
     raise VerificationError(
         f"{disagreement(engine.manifest.name, record)} The captured graph depends on the batch: "
         f"{dependence.describe()}; write that line so that the batch stays symbolic (take it from x.shape[0] "
         "or let view/reshape infer it with -1), or export with --no-verify if you know why."
+    )
+
+
+def _located_disagreement(name: str, record: VerificationRecord, captured: Captured,
+                          example: Example) -> VerificationError:
+    """The disagreement, with the first captured tensor that differs from eager PyTorch at the example batch
+    (a mistranslation, named with its model line), or else the word that capture agrees and a lowering does not."""
+    wrong = None if captured.program is None else first_eager_difference(captured.model, captured.program,
+                                                                         example.arrays)
+    if wrong is None:
+        return VerificationError(
+            f"{disagreement(name, record)} The captured graph agrees with eager PyTorch at every tensor, so a "
+            "lowering step is wrong: export again with --no-pass NAME for each pass to find it, and report it."
+        )
+    return VerificationError(
+        f"{disagreement(name, record)} The captured graph differs from eager first at {wrong.describe()}, a "
+        "translation defect of torch.onnx: write that line another way (see README, Limitations), or export with "
+        "--no-verify if you know why."
     )
 
 

@@ -37,7 +37,8 @@ class Captured:
     """The full graph: the model inputs, and one output per exit named `exit{k}`; `output_paths` says where
     each exit is in what the forward returns (`outputs.py`), `picked` how it was chosen when that was a guess,
     `repairs` which translation defects were repaired in the graph (`repairs.py`), and `batch_fix` how a forward
-that fixes the batch was made to take any (`symbolic_batch.py`)."""
+that fixes the batch was made to take any (`symbolic_batch.py`). `program` is the ExportedProgram the graph
+was translated from: the graph's tensors carry its node names, which is how a wrong tensor is found."""
 
     model: onnx.ModelProto
     input_names: list[str]
@@ -46,6 +47,7 @@ that fixes the batch was made to take any (`symbolic_batch.py`)."""
     picked: str | None = None
     repairs: list[str] = field(default_factory=list)
     batch_fix: BatchFixRecord | None = None
+    program: torch.export.ExportedProgram | None = None
 
 
 class _SelectExits(torch.nn.Module):
@@ -135,18 +137,20 @@ def capture(model: torch.nn.Module, example: Example | torch.Tensor, exits: Sequ
     exit_names = [f"exit{k}" for k in range(len(found))]
     wrapped = _SelectExits(model, example.names, paths, exits)
     wrapped.training = False  # not .eval(): it would recurse into modules that refuse it (see eval_mode)
-    graph = _onnx_graph(wrapped, tensors, example.names, exit_names, "dynamic")
-    batch_fix = None
+    program = _onnx_program(wrapped, tensors, example.names, exit_names, "dynamic")
+    graph, repairs = repair_translation_defects(program.model_proto)
+    eager_program, batch_fix = program.exported_program, None
     if _fixed_batch(graph) or not _exits_follow_batch(graph, example):
-        graph, batch_fix = _any_batch_graph(wrapped, graph, example, exit_names)
-    graph, repairs = repair_translation_defects(graph)
+        graph, eager_program, batch_fix = _any_batch_graph(wrapped, program, example, exit_names)
+        graph, repairs = repair_translation_defects(graph)
     return Captured(model=graph, input_names=example.names, exit_names=exit_names, output_paths=paths,
-                    picked=picked, repairs=repairs, batch_fix=batch_fix)
+                    picked=picked, repairs=repairs, batch_fix=batch_fix, program=eager_program)
 
 
-def _onnx_graph(wrapped: torch.nn.Module, tensors: tuple[torch.Tensor, ...], names: list[str], exit_names: list[str],
-                mode: str) -> onnx.ModelProto:
-    """torch.onnx's graph of the wrapped forward. `mode`: "dynamic" (every input's first axis is one symbolic
+def _onnx_program(wrapped: torch.nn.Module, tensors: tuple[torch.Tensor, ...], names: list[str],
+                  exit_names: list[str], mode: str) -> torch.onnx.ONNXProgram:
+    """torch.onnx's program of the wrapped forward: the graph, and the ExportedProgram it was translated from.
+    `mode`: "dynamic" (every input's first axis is one symbolic
     batch, traced by torch.export's non-strict tracer), "bytecode" (each first axis dynamic, traced by
     TorchDynamo, which keeps `int()` of a float batch symbolic where the non-strict tracer specializes it), or
     "static" (the example's shapes). TorchDynamo refuses the global module hooks that recognize per-sample
@@ -179,7 +183,7 @@ def _onnx_graph(wrapped: torch.nn.Module, tensors: tuple[torch.Tensor, ...], nam
         raise _explain_capture_failure(exc) from exc
     graph_outputs = [o.name for o in program.model_proto.graph.output]
     assert graph_outputs == exit_names, f"capture renamed the exits: {graph_outputs}"
-    return program.model_proto
+    return program
 
 
 def _fixed_batch(model: onnx.ModelProto) -> bool:
@@ -202,26 +206,29 @@ def _exits_follow_batch(model: onnx.ModelProto, example: Example) -> bool:
                for a, w in zip(alone, whole, strict=True))
 
 
-def _any_batch_graph(wrapped: torch.nn.Module, captured: onnx.ModelProto, example: Example,
-                     exit_names: list[str]) -> tuple[onnx.ModelProto, BatchFixRecord]:
+def _any_batch_graph(wrapped: torch.nn.Module, captured: torch.onnx.ONNXProgram, example: Example, exit_names: list[str]
+                     ) -> tuple[onnx.ModelProto, torch.export.ExportedProgram, BatchFixRecord]:
     """A graph for every batch from a forward that fixes it: traced again by TorchDynamo; failing that, from
     static captures at the example's batch and at one sample more (`symbolic_batch`)."""
     tensors = example.tensors()
     site = _specialization_site(wrapped, tensors)
     located = site.removeprefix(" at ") or "a line torch.export did not name"
     try:
-        traced = _onnx_graph(wrapped, tensors, example.names, exit_names, "bytecode")
+        traced = _onnx_program(wrapped, tensors, example.names, exit_names, "bytecode")
     except CaptureError:
         traced = None
-    if traced is not None and not _fixed_batch(traced) and _exits_follow_batch(traced, example):
-        return traced, BatchFixRecord(site=located, method="bytecode", captures=[example.batch], constants=[])
+    if traced is not None and not _fixed_batch(traced.model_proto) and _exits_follow_batch(
+            repair_translation_defects(traced.model_proto)[0], example):
+        record = BatchFixRecord(site=located, method="bytecode", captures=[example.batch], constants=[])
+        return traced.model_proto, traced.exported_program, record
     b1 = example.batch
-    first = captured if _fixed_batch(captured) else _onnx_graph(wrapped, tensors, example.names, exit_names,
-                                                                "static")
+    first = captured if _fixed_batch(captured.model_proto) else _onnx_program(wrapped, tensors, example.names,
+                                                                              exit_names, "static")
     grown = tuple(torch.cat([t, t[:1]]) for t in tensors)
-    second = _onnx_graph(wrapped, grown, example.names, exit_names, "static")
-    graph, constants = symbolic_batch(first, b1, second, b1 + 1, site)
-    return graph, BatchFixRecord(site=located, method="two captures", captures=[b1, b1 + 1], constants=constants)
+    second = _onnx_program(wrapped, grown, example.names, exit_names, "static")
+    graph, constants = symbolic_batch(first.model_proto, b1, second.model_proto, b1 + 1, site)
+    record = BatchFixRecord(site=located, method="two captures", captures=[b1, b1 + 1], constants=constants)
+    return graph, first.exported_program, record
 
 
 def _specialization_site(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> str:

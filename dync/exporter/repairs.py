@@ -102,7 +102,7 @@ def _squeeze_as_traced(graph: gs.Graph, node: gs.Node, metadata: dict[str, str])
     kept = sorted(set(asked) - set(traced))
     now = f"now squeezes axes {traced}" if traced else "became an Identity"
     if listed:
-        return f"Squeeze of axes {asked}, where {kept} are not of size 1 (PyTorch leaves those alone); it {now}"
+        return f"Squeeze of axes {asked} also removed {kept}, which torch.export kept (not of static size 1); it {now}"
     symbolic = [a for a in kept if not isinstance(shape[a], int)]
     return (f"Squeeze without axes of a [{', '.join(map(str, shape))}] tensor would also remove axes {symbolic} "
             f"whenever they are 1 at run time (a batch of one); it {now}")
@@ -119,7 +119,8 @@ def _scatter_mean(graph: gs.Graph, node: gs.Node, metadata: dict[str, str]) -> s
     match = _SCATTER_MEAN.match(metadata.get(FX_NODE_KEY, ""))
     base, index, src = node.inputs
     out = node.outputs[0]
-    if match is None or match.group(1) != out.name or base.dtype is None or not np.issubdtype(base.dtype, np.floating):
+    floating = base.dtype is not None and np.issubdtype(base.dtype, np.floating)
+    if match is None or not _writes(node, match.group(1)) or not floating:
         return None
     include_self = "include_self: False" not in match.group(2)
     axis = node.attrs.get("axis", 0)
@@ -146,7 +147,7 @@ def _antialias_scales(graph: gs.Graph, node: gs.Node, metadata: dict[str, str]) 
         return None
     match = _ANTIALIAS.match(metadata.get(FX_NODE_KEY, ""))
     shape = shape_of(node.inputs[0])
-    if match is None or match.group(1) != node.outputs[0].name or shape is None or len(shape) != 4:
+    if match is None or not _writes(node, match.group(1)) or shape is None or len(shape) != 4:
         return None
     size, factors = [int(match.group(2)), int(match.group(3))], [match.group(4), match.group(5)]
     try:
@@ -159,6 +160,12 @@ def _antialias_scales(graph: gs.Graph, node: gs.Node, metadata: dict[str, str]) 
     node.inputs.pop()
     return (f"antialiased Resize to the size {size} now resizes by the model's factors {scales}, which set "
             "PyTorch's filter and coordinates")
+
+
+def _writes(node: gs.Node, fx_name: str) -> bool:
+    """Whether `node` writes the value of FX node `fx_name` (torch.onnx names that value, unless it is a graph
+    output, and its node after it), not a helper node of the same translation."""
+    return node.outputs[0].name == fx_name or node.name == f"node_{fx_name}"
 
 
 RULES: tuple[Rule, ...] = (_squeeze_as_traced, _scatter_mean, _antialias_scales)

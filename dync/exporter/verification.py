@@ -5,10 +5,13 @@ batch split evenly over the exits, which exercises compaction) on each of severa
 with eager PyTorch, tolerances relative to the output scale. Export runs it before a package is written;
 `dync verify` runs it on demand.
 
-When the package disagrees, `first_batch_dependence` says where: a graph whose samples do not interact
-computes, for the first n samples of a batch, exactly what it computes on those n samples alone. The first
-tensor (in graph order) that breaks this, by its shape or its values, is where the capture fixed the batch
-or mixed samples, and torch.onnx keeps the source line that made it in the node's metadata.
+When the package disagrees, `first_batch_dependence` and `first_eager_difference` say where. A graph whose
+samples do not interact computes, for the first n samples of a batch, exactly what it computes on those n
+samples alone; the first tensor (in graph order) that breaks this, by its shape or its values, is where the
+capture fixed the batch
+or mixed samples, and torch.onnx keeps the source line that made it in the node's metadata. The second
+compares every tensor of the captured graph with eager PyTorch's value of the program node it is named after,
+which finds a mistranslated op even at the example batch.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dync.calib.thresholds import even_split_thresholds
 from dync.errors import VerificationError
 from dync.exporter.capture import eager_exits
 from dync.exporter.probe import ORT_ERRORS, every_tensor_session
-from dync.graph import source_line
+from dync.graph import innermost_frame, source_line
 from dync.inputs import Inputs, batch_of
 from dync.package import Manifest
 from dync.plugins.splice import decompose_custom_nodes
@@ -122,8 +125,9 @@ def disagreement(name: str, record: VerificationRecord) -> VerificationError:
 
 
 @dataclass(frozen=True)
-class BatchDependence:
-    """The first tensor of a graph whose first n samples differ from the graph run on those n samples alone."""
+class TensorDifference:
+    """Where a graph first goes wrong: the tensor, the node writing it, what is wrong with it, and the model
+    source line torch.onnx recorded for the node."""
 
     tensor: str
     node: str
@@ -137,7 +141,7 @@ class BatchDependence:
 
 
 def first_batch_dependence(model: onnx.ModelProto, feeds: dict[str, np.ndarray], n: int = 1,
-                           rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> BatchDependence | None:
+                           rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> TensorDifference | None:
     """Run `model` (every tensor an output) on `feeds` and on their first `n` samples; the first node output,
     in graph order, that has the batch first on `feeds` but not `n` first on the slice, or other values."""
     graph = decompose_custom_nodes(model)
@@ -151,7 +155,63 @@ def first_batch_dependence(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
                 continue
             what = _mismatch(full[:n], sliced, n, rtol, atol)
             if what is not None:
-                return BatchDependence(name, node.name, node.op_type, what, source_line(node))
+                return TensorDifference(name, node.name, node.op_type, what, source_line(node))
+    return None
+
+
+def first_eager_difference(model: onnx.ModelProto, program: torch.export.ExportedProgram,
+                           feeds: dict[str, np.ndarray], rtol: float = DEFAULT_RTOL,
+                           atol: float = DEFAULT_ATOL) -> TensorDifference | None:
+    """The first tensor, in the eager program's order, whose value in `model` differs from the value eager
+    PyTorch computes for the node of the same name (torch.onnx names a graph's tensors after the nodes of the
+    ExportedProgram it translates); None when every shared tensor agrees or eager cannot be replayed."""
+    eager, traces = _eager_values(program, [torch.from_numpy(feeds[name]) for name in feeds])
+    graph = decompose_custom_nodes(model)
+    values = _all_tensors(graph, feeds)
+    producers = {name: node for node in graph.graph.node for name in node.output}
+    for name, expected in eager.items():
+        got = values.get(name)
+        if got is None or name not in producers:
+            continue
+        what = _value_mismatch(expected, np.asarray(got), rtol, atol)
+        if what is not None:
+            node = producers[name]
+            return TensorDifference(name, node.name, node.op_type, what, source_line(node) or traces.get(name, ""))
+    return None
+
+
+def _eager_values(program: torch.export.ExportedProgram, inputs: list[torch.Tensor]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor-valued node of the program, by node name, on `inputs`, in program order; and the model line
+    each node came from (kept by the program even where a graph rewrite dropped the ONNX node's)."""
+    values: dict[str, np.ndarray] = {}
+    traces: dict[str, str] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            result = super().run_node(node)
+            if isinstance(result, torch.Tensor):
+                values[node.name] = result.detach().numpy()
+                traces[node.name] = innermost_frame(node.meta.get("stack_trace") or "")
+            return result
+
+    try:
+        with torch.no_grad():
+            Recorder(program.module()).run(*inputs)
+    except Exception:  # a hint on top of a failed verification, which stands without it
+        return {}, {}
+    return values, traces
+
+
+def _value_mismatch(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float) -> str | None:
+    if got.shape != expected.shape:
+        return f"has shape {list(got.shape)} where eager PyTorch's has {list(expected.shape)}"
+    if expected.dtype.kind not in "fc":
+        return None if np.array_equal(expected, got.astype(expected.dtype)) else "holds other values than eager's"
+    error = _max_abs(got, expected)
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    if not error <= atol + rtol * scale:
+        return f"is off by {error:.3g} from eager PyTorch's (allowed {atol + rtol * scale:.3g})"
     return None
 
 

@@ -6,12 +6,11 @@ value in [0, 1]: `max_softmax` (the largest softmax probability, MSDNet's and RA
 probability), or a user criterion the package holds as an ONNX graph (`criterion_onnx`, run in onnxruntime).
 Logits of more than two dims are flattened per sample: the criterion sees [B, C] with C their product.
 
-The built-in criteria are float32 and bit-identical to torch's CPU softmax (`torch.softmax(logits.float(), -1)`),
-so that thresholds chosen with PyTorch evaluation scripts pick the same exits: in particular a saturated
-sample's max softmax is exactly 1.0, which a threshold of 1.0 takes. Being bit-identical means computing as
-ATen's `_vec_softmax_lastdim` does: exp as Sleef's `expf_u10` (with FMA), the sum in the lane order of its
-vectorized reduction (16 lanes where torch dispatches to AVX-512, 8 elsewhere: see `TORCH_LANES`), and a
-multiply by 1/sum.
+The built-in criteria are computed in float32 as `torch.softmax(logits.float(), -1)` is (subtract the max,
+exp, sum, divide), so that thresholds chosen with PyTorch evaluation scripts pick the same exits: a saturated
+sample's max softmax is exactly 1.0 in both, which a threshold of 1.0 takes. Elsewhere the two agree to a few
+float32 ulps (torch's vectorized exp and summation order are its own); only a threshold within those ulps of a
+sample's confidence can decide differently.
 
 Thresholds: one per exit but the last (K-1 values); K values are accepted with the last ignored, because the
 last exit always takes every sample still running. 0 always fires. A threshold up to 1 is rounded to the nearest
@@ -21,7 +20,6 @@ so it never fires, however close to 1.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,79 +28,26 @@ import numpy as np
 from dync.errors import InputError, PackageError
 from dync.package import MANIFEST_FILE, ExitSpec
 
-_F32, _F64 = np.float32, np.float64
+_F32 = np.float32
 
 
-def _torch_lanes() -> int:
-    """Floats per vector in torch's CPU kernels on this machine: 16 where ATen picks its AVX-512 kernels (as
-    `ATEN_CPU_CAPABILITY` or the CPU's AVX-512 F/BW/VL/DQ and FMA say), else 8 (AVX2, and ARM's NEON pairs)."""
-    requested = os.environ.get("ATEN_CPU_CAPABILITY")
-    if requested:
-        return 16 if requested == "avx512" else 8
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:  # numpy 1.x
-        from numpy.core._multiarray_umath import __cpu_features__ as features
-    return 16 if all(features.get(f) for f in ("AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "FMA3")) else 8
-
-
-TORCH_LANES = _torch_lanes()
-
-_LN2_INV = _F32(1.442695040888963407359924681001892137426645954152985934135449406931)
-_LN2_HI, _LN2_LO = _F32(0.693145751953125), _F32(1.428606765330187045e-06)
-_EXP_POLY = [_F32(c) for c in (0.000198527617612853646278381, 0.00139304355252534151077271,
-                               0.00833336077630519866943359, 0.0416664853692054748535156,
-                               0.166666671633720397949219, 0.5)]
-
-
-def _fma(a: np.ndarray, b: np.ndarray | np.float32, c: np.ndarray | np.float32) -> np.ndarray:
-    """float32 a * b + c rounded once: the product of two float32 is exact in float64."""
-    return (a.astype(_F64) * b + c).astype(_F32)
-
-
-def _sleef_exp(d: np.ndarray) -> np.ndarray:
-    """Sleef's `xexpf` (u10, FMA form), which `Vectorized<float>::exp` calls; for d <= 0 as softmax feeds it."""
-    with np.errstate(invalid="ignore", over="ignore"):  # -inf and NaN logits: masked below, or NaN as in torch
-        q = np.rint(d * _LN2_INV)
-        s = _fma(q, -_LN2_LO, _fma(q, -_LN2_HI, d))
-        u = _fma(s, _EXP_POLY[0], _EXP_POLY[1])
-        for c in _EXP_POLY[2:]:
-            u = _fma(u, s, c)
-        u = _F32(1) + _fma(s * s, u, s)
-        return np.where(d < -104, _F32(0), np.ldexp(u, q.astype(np.int32)))
-
-
-def _lane_sum(x: np.ndarray, lanes: int) -> np.ndarray:
-    """Row sums in the order of ATen's `vec::reduce_all`: lane-wise over `lanes`-wide chunks (the tail masked),
-    then the lanes folded in halves; rows shorter than a vector are summed left to right."""
-    rows, n = x.shape
-    if n < lanes:
-        return np.add.accumulate(x, axis=1)[:, -1]
-    chunks = np.pad(x, ((0, 0), (0, -n % lanes))).reshape(rows, -1, lanes)
-    acc = np.add.accumulate(chunks, axis=1)[:, -1]
-    while acc.shape[1] > 1:
-        half = acc.shape[1] // 2
-        acc = acc[:, :half] + acc[:, half:]
-    return acc[:, 0]
-
-
-def softmax(logits: np.ndarray, lanes: int = TORCH_LANES) -> np.ndarray:
-    """float32 probabilities [B, C] of the flattened logits, as `torch.softmax(logits.float().flatten(1), -1)`
-    computes them on a CPU whose torch kernels are `lanes` floats wide."""
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """float32 probabilities [B, C] of the flattened logits, computed as torch's softmax computes them."""
     flat = logits.reshape(len(logits), -1).astype(_F32, copy=False)
-    e = _sleef_exp(flat - flat.max(axis=1, keepdims=True))
-    return e * (_F32(1) / _lane_sum(e, lanes))[:, None]
+    with np.errstate(invalid="ignore"):  # a row of -inf gives NaN, as in torch
+        e = np.exp(flat - flat.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
 
 
-def max_softmax(logits: np.ndarray, lanes: int = TORCH_LANES) -> np.ndarray:
+def max_softmax(logits: np.ndarray) -> np.ndarray:
     """The largest softmax probability per sample: torch's `softmax(...).max(-1)`; 1.0 when saturated."""
-    return softmax(logits, lanes).max(axis=1)
+    return softmax(logits).max(axis=1)
 
 
-def entropy(logits: np.ndarray, lanes: int = TORCH_LANES) -> np.ndarray:
+def entropy(logits: np.ndarray) -> np.ndarray:
     """1 - H(p) / ln C per sample, clipped to [0, 1] against rounding: 1 for a one-hot p (and for C = 1), 0 for a
     uniform one. BranchyNet's and DeeBERT's rule "exit when H(p) < T" is this confidence >= 1 - T / ln C."""
-    p = softmax(logits, lanes)
+    p = softmax(logits)
     if p.shape[1] == 1:
         return np.ones(len(p), dtype=_F32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -110,9 +55,9 @@ def entropy(logits: np.ndarray, lanes: int = TORCH_LANES) -> np.ndarray:
     return np.clip(_F32(1) - h / _F32(np.log(p.shape[1])), _F32(0), _F32(1))
 
 
-def margin(logits: np.ndarray, lanes: int = TORCH_LANES) -> np.ndarray:
+def margin(logits: np.ndarray) -> np.ndarray:
     """Top-1 minus top-2 softmax probability per sample (the top-1 probability when there is one class)."""
-    p = softmax(logits, lanes)
+    p = softmax(logits)
     if p.shape[1] == 1:
         return p[:, 0]
     top = np.partition(p, -2, axis=1)

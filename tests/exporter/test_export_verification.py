@@ -154,3 +154,26 @@ def test_a_no_op_squeeze_is_repaired_and_exact(tmp_path: Path) -> None:
     for batch in (1, 3, 7):
         x = random_input((5, 12), batch, seed=batch)
         assert_close(dync.load(package).run(x).logits, eager_outputs(model, x)[0], what=f"batch {batch}")
+
+
+def test_a_mistranslated_tensor_is_named_with_its_model_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A captured graph wrong at the example batch itself (here: its first Relu made a LeakyRelu, as a
+    translation defect would) is refused naming that tensor and the model line it came from."""
+    import importlib
+
+    capture_module = importlib.import_module("dync.exporter.capture")
+    real = capture_module.repair_translation_defects
+
+    def mistranslate(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+        graph = import_graph(model)
+        relu = next(n for n in graph.nodes if n.op == "Relu")
+        relu.op, relu.attrs = "LeakyRelu", {"alpha": 0.5}
+        return real(export_graph(graph, like=model))
+
+    monkeypatch.setattr(capture_module, "repair_translation_defects", mistranslate)
+    with pytest.raises(VerificationError) as info:
+        dync.export(tiny_model(), tmp_path / "wrong.dync", input_shape=TINY_SHAPE)
+    message = str(info.value)
+    assert "The captured graph differs from eager first at tensor 'relu' of LeakyRelu node" in message, message
+    assert "tests/models.py" in message and "translation defect of torch.onnx" in message
+    assert not (tmp_path / "wrong.dync").exists()

@@ -1,7 +1,8 @@
 """The idiom corpus: small modules written the way research code writes one thing (`zoo/idioms.py`), each
 exported as it is and equal to eager PyTorch at batches 1, 3 and 7 on every exit path, or refused with an
 error naming the model line that fixed the batch. Rows whose translation torch.onnx gets wrong say which
-capture-time repair (`dync/exporter/repairs.py`) they need; every other row must need none."""
+capture-time repair (`dync/exporter/repairs.py`) they need; every other row must need none. A forward that
+returns `(logits, mask)` exports its logits exactly."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 import dync
 import zoo.idioms as idioms
 from dync.errors import CaptureError
+from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds
 from tests.helpers import assert_close, eager_outputs
 from zoo import random_input
@@ -90,11 +92,24 @@ def test_idiom_is_exact_at_every_batch_or_refused_naming_its_line(idiom: Idiom, 
         assert repairs == []
     else:
         assert repairs and all(idiom.repair in m and "zoo/idioms.py" in m for m in repairs), repairs
-    engine = dync.load(package)
+    _assert_exact(dync.load(package), model, idiom.sample_shape, idiom.id)
+
+
+def test_logits_returned_with_a_mask_export_the_logits_exactly(tmp_path: Path) -> None:
+    """DynamicViT's `(logits, mask)`: the first element is the exit, the mask an auxiliary output."""
+    torch.manual_seed(0)
+    model = idioms.LogitsAndKeepMask().eval()
+    package = dync.export(model, tmp_path / "logits_and_mask.dync", input_shape=(EXAMPLE_BATCH, 16, 8))
+    _assert_exact(dync.load(package), model, (16, 8), "logits_and_mask", exits=slice(0, 1))
+
+
+def _assert_exact(engine: Engine, model: nn.Module, sample_shape: tuple[int, ...], what: str,
+                  exits: slice = slice(None)) -> None:
+    """Every exit path of the package against eager (the `exits` of what forward returns) at each of BATCHES."""
     for batch in BATCHES:
-        x = random_input(idiom.sample_shape, batch, seed=batch)
-        reference = eager_outputs(model, x)
+        x = random_input(sample_shape, batch, seed=batch)
+        reference = eager_outputs(model, x)[exits]
         assert len(reference) == engine.num_exits
         for k, expected in enumerate(reference):
             result = engine.run(x, thresholds=forcing_thresholds(k, engine.num_exits))
-            assert_close(result.logits, expected, what=f"{idiom.id}, batch {batch}, exit {k}")
+            assert_close(result.logits, expected, what=f"{what}, batch {batch}, exit {k}")

@@ -49,9 +49,9 @@ class Case:
 
 CASES = [
     Case("squeeze_of_a_dim_not_1", lambda x: torch.mean(x, dim=1).squeeze(1), (5, 12),
-         "Squeeze of axes [1], where [1] are not of size 1 (PyTorch leaves those alone); it became an Identity"),
-    Case("squeeze_of_dims_some_not_1", lambda x: x.mean(-1, keepdim=True).squeeze((1, 2)), (1, 4, 6),
-         "Squeeze of axes [1, 2], where [2] are not of size 1 (PyTorch leaves those alone); it now squeezes axes [1]"),
+         "Squeeze of axes [1] also removed [1], which torch.export kept (not of static size 1); it became an Identity"),
+    Case("squeeze_of_the_batch", lambda x: x.squeeze(0), (4, 6),
+         "Squeeze of axes [0] also removed [0], which torch.export kept (not of static size 1); it became an Identity"),
     Case("squeeze_without_axes", lambda x: F.adaptive_avg_pool2d(x, 1).squeeze(), (5, 3, 3),
          "Squeeze without axes of a [batch, 5, 1, 1] tensor would also remove axes [0] whenever they are 1"),
     Case("squeeze_of_a_dim_of_1", lambda x: x.mean(-1, keepdim=True).squeeze(-1), (4, 6), None),
@@ -72,11 +72,13 @@ CASES = [
 
 
 def _translation(case: Case) -> onnx.ModelProto:
-    """What torch.onnx emits for the case with a symbolic batch, before any repair."""
+    """What torch.onnx emits for the case with a symbolic batch, before any repair; the output is named as
+    capture names exits."""
     example = torch.from_numpy(random_input(case.sample_shape, 4))
     with quiet_torch_onnx():
         program = torch.onnx.export(_Forward(case.fn), (example,), dynamo=True, input_names=["x"],
-                                    dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},), verbose=False)
+                                    output_names=["exit0"], dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},),
+                                    verbose=False)
     return program.model_proto
 
 

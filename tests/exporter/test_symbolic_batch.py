@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import dync
 from dync.errors import CaptureError
-from dync.exporter.capture import _onnx_graph, _SelectExits
+from dync.exporter.capture import _onnx_program, _SelectExits
 from dync.exporter.example import INPUT_NAME, Example
 from dync.exporter.symbolic_batch import symbolic_batch
 from tests.conftest import invoke
@@ -55,14 +55,14 @@ def test_a_swin_model_exports_exactly_through_the_cli(tmp_path: Path) -> None:
 def test_two_static_captures_rebuild_the_batch_constants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where TorchDynamo cannot trace the forward, the constants that differ between captures at batches 4 and 5
     are computed from the input's batch."""
-    real = capture_module._onnx_graph
+    real = capture_module._onnx_program
 
     def no_bytecode(*args: object) -> object:
         if args[-1] == "bytecode":
             raise CaptureError("TorchDynamo cannot trace this forward")
         return real(*args)
 
-    monkeypatch.setattr(capture_module, "_onnx_graph", no_bytecode)
+    monkeypatch.setattr(capture_module, "_onnx_program", no_bytecode)
     torch.manual_seed(0)
     model = SwinWindowBlock().eval()
     package = dync.export(model, tmp_path / "swin.dync", input_shape=(4, 3, 16, 16))
@@ -85,7 +85,7 @@ def test_a_graph_that_changes_otherwise_is_refused_naming_the_line() -> None:
     model = _BatchLengthArange().eval()
     example = Example({INPUT_NAME: np.ones((4, 3), np.float32)})
     wrapped = _SelectExits(model, example.names, [""], None)
-    first = _onnx_graph(wrapped, example.tensors(), example.names, ["exit0"], "static")
-    second = _onnx_graph(wrapped, (torch.ones(5, 3),), example.names, ["exit0"], "static")
+    first = _onnx_program(wrapped, example.tensors(), example.names, ["exit0"], "static").model_proto
+    second = _onnx_program(wrapped, (torch.ones(5, 3),), example.names, ["exit0"], "static").model_proto
     with pytest.raises(CaptureError, match=r"at tests/x.py:3 .*no single graph serves every batch"):
         symbolic_batch(first, 4, second, 5, " at tests/x.py:3 (`n = int(x.shape[0] / 1.0)`)")

@@ -1,8 +1,8 @@
 """The exit rule's pieces: the criteria against torch, the per-package criteria, threshold resolution, forcing.
 
-`softmax` and the criteria built on it are compared with torch's CPU kernel bit for bit (`assert_array_equal`),
-at the vector width torch dispatches to here; entropy, whose log and sum dync computes with numpy's, to within
-5e-7 absolute (a few float32 ulps of 1).
+`softmax` and the criteria built on it are compared with torch's CPU kernel to a few float32 ulps (its
+vectorized exp and summation order are its own), and exactly at saturation, where both give 1.0; entropy to
+within 5e-7 absolute (a few float32 ulps of 1).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dync.errors import InputError, PackageError
 from dync.package import MANIFEST_FILE, ExitSpec
 from dync.runtime.exit_rule import (
     BUILTIN_CRITERIA,
-    TORCH_LANES,
     ExitCriteria,
     entropy,
     forcing_thresholds,
@@ -33,10 +32,7 @@ from tests.criteria_fixture import TORCH_CRITERIA
 from tests.helpers import softmax_confidence
 
 RNG = np.random.default_rng(0)
-LANES_OF = {"AVX512": 16, "AVX2": 8}
-HERE = torch.backends.cpu.get_cpu_capability()
-exact_here = pytest.mark.skipif(HERE not in LANES_OF, reason=f"torch dispatches to {HERE}, whose kernel dync "
-                                                              "does not reproduce (AVX2 and AVX512 only)")
+ULPS = 16
 
 
 def _logit_sets() -> list[np.ndarray]:
@@ -55,26 +51,24 @@ def _torch(name: str, logits: np.ndarray) -> np.ndarray:
     return TORCH_CRITERIA[name](torch.from_numpy(logits)).numpy()
 
 
-@exact_here
-def test_softmax_is_torch_softmax_bit_for_bit() -> None:
+def test_softmax_is_torch_softmax_to_a_few_ulps() -> None:
     for logits in LOGIT_SETS:
-        np.testing.assert_array_equal(softmax(logits, LANES_OF[HERE]), torch.softmax(torch.from_numpy(logits), -1))
+        expected = torch.softmax(torch.from_numpy(logits), -1).numpy()
+        got = softmax(logits)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+        finite = ~np.isnan(expected)
+        np.testing.assert_array_max_ulp(got[finite], expected[finite], maxulp=ULPS)
 
 
-@exact_here
-def test_lanes_follow_torch_dispatch() -> None:
-    assert LANES_OF[HERE] == TORCH_LANES
-
-
-@exact_here
 @pytest.mark.parametrize("name", ["max_softmax", "margin"])
-def test_criterion_is_torch_bit_for_bit(name: str) -> None:
+def test_criterion_is_torch_to_a_few_ulps(name: str) -> None:
     for logits in LOGIT_SETS:
         if name == "margin" and logits.shape[1] == 1:
             continue  # topk(2) needs two classes; see test_single_class_is_certain
         got = BUILTIN_CRITERIA[name](logits)
         assert got.dtype == np.float32 and got.shape == (len(logits),)
-        np.testing.assert_array_equal(got, _torch(name, logits))
+        np.testing.assert_allclose(got, _torch(name, logits), rtol=0, atol=ULPS * 2**-24)
 
 
 def test_entropy_matches_torch() -> None:
@@ -84,13 +78,6 @@ def test_entropy_matches_torch() -> None:
         got = entropy(logits)
         assert got.dtype == np.float32 and ((got >= 0) & (got <= 1)).all()
         np.testing.assert_allclose(got, _torch("entropy", logits), rtol=0, atol=5e-7)
-
-
-def test_other_widths_stay_within_a_few_ulps() -> None:
-    """Where torch's kernel is 8 (16) lanes wide and dync sums in 16 (8), the sum's order differs."""
-    for logits in LOGIT_SETS[::7]:
-        for lanes in (8, 16):
-            np.testing.assert_array_max_ulp(max_softmax(logits, lanes), _torch("max_softmax", logits), maxulp=16)
 
 
 @pytest.mark.parametrize("logits", [
@@ -107,17 +94,21 @@ def test_saturated_samples_are_exactly_certain(logits: np.ndarray) -> None:
     assert (max_softmax(logits) >= resolve_thresholds([1.0], 2)[0]).all()
 
 
-def test_decisions_near_one_are_torch_decisions() -> None:
-    """`confidence >= t` as torch evaluates it (a float32 tensor against a Python float) on confidences that
-    crowd the float32 values just below 1."""
-    gaps = np.linspace(12.0, 20.0, 400, dtype=np.float32)
+def test_decisions_at_one_are_torch_decisions() -> None:
+    """`confidence >= 1.0` takes exactly the samples torch's float32 softmax saturates, away from the narrow band
+    of logit gaps (about 16-17.5) where float32 rounds the max probability to 1 or to the float just below it."""
+    gaps = np.concatenate([np.linspace(8.0, 15.5, 200), np.linspace(18.0, 40.0, 200)]).astype(np.float32)
     logits = np.stack([gaps, np.zeros_like(gaps), np.full_like(gaps, -1.0)], axis=1)
     ours, theirs = max_softmax(logits), torch.from_numpy(_torch("max_softmax", logits))
-    assert len(np.unique(ours)) > 5 and (ours == 1.0).any() and (ours < 1.0).any()
-    one = np.float32(1.0)
-    for t in (1.0, float(np.nextafter(one, np.float32(0))), 1 - 2**-24, 1 - 2**-23, 0.9999999, 0.99999995,
-              0.999999, 0.99999):
-        np.testing.assert_array_equal(ours >= resolve_thresholds([t], 2)[0], (theirs >= t).numpy(), err_msg=f"{t!r}")
+    assert (ours == 1.0).any() and (ours < 1.0).any()
+    np.testing.assert_array_equal(ours >= resolve_thresholds([1.0], 2)[0], (theirs >= 1.0).numpy())
+
+
+def test_thresholds_round_to_float32_as_torch_compares() -> None:
+    """A float32 confidence just below 1 against 0.9999999, which torch compares as the float32 0.99999988."""
+    below_one = np.nextafter(np.float32(1), np.float32(0))
+    t = resolve_thresholds([0.9999999], 2)[0]
+    assert (below_one >= t) == bool(torch.tensor([below_one]) >= 0.9999999)
 
 
 def test_entropy_and_margin_known_values() -> None:

@@ -127,7 +127,7 @@ def test_cli_run_errors(cli_export: CliExport, tmp_path: Path) -> None:
     out = tmp_path / "out.npz"
     run = ["run", cli_export.package, "-o", out, "--input"]
     _assert_cli_error(invoke([*run, tmp_path / "f64.npy"]), "dtype float64", "float32")
-    _assert_cli_error(invoke([*run, tmp_path / "text.npy"]), "text.npy", "not a .npy")
+    _assert_cli_error(invoke([*run, tmp_path / "text.npy"]), "text.npy", "neither a .npy array nor a .npz")
     _assert_cli_error(invoke([*run, tmp_path / "nan.npy"]), "NaN/inf", "sample 1")
     _assert_cli_error(invoke([*run, tmp_path / "ok.npy", "--thresholds", "0.5"]), "got 1 thresholds", "3 exits")
     _assert_cli_error(invoke([*run, tmp_path / "ok.npy", "--thresholds", "nan,0.5"]), "NaN")
@@ -184,26 +184,22 @@ class _DropsBatch(torch.nn.Module):
         return [x.mean(dim=(2, 3)), x.mean()]
 
 
-class _MixedExitShapes(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [x.mean(dim=(2, 3)), x.mean(dim=3).flatten(1)]
-
-
 @pytest.mark.parametrize(
-    ("model", "shape", "words"),
+    ("model", "shape", "outputs", "words"),
     [
-        (_ReturnsDict(), TINY_SHAPE, ["returned dict", "list"]),
-        (_DropsBatch(), TINY_SHAPE, ["exit 1 has shape []", "batch"]),
-        (_MixedExitShapes(), TINY_SHAPE, ["exit 1 gives per-sample shape [48]", "[3]", "--exits"]),
-        (TinyMultiExit(), (4, 5, 16, 16), ["rejected an input of shape [4, 5, 16, 16]", "--input-shape"]),
+        (_ReturnsDict(), TINY_SHAPE, None, ["returned a dict with keys ['logits']", "--outputs"]),
+        (_DropsBatch(), TINY_SHAPE, ["0", "1"], ["exit 1 has shape []", "batch"]),
+        (_DropsBatch(), TINY_SHAPE, ["2"], ["--outputs 2", "0..1"]),
+        (_ReturnsDict(), TINY_SHAPE, ["probs"], ["no key 'probs'", "['logits']"]),
+        (TinyMultiExit(), (4, 5, 16, 16), None, ["rejected an input of shape [4, 5, 16, 16]", "--input-shape"]),
     ],
-    ids=["dict_output", "scalar_exit", "mixed_exit_shapes", "wrong_example_shape"],
+    ids=["dict_output", "scalar_exit", "bad_index", "bad_key", "wrong_example_shape"],
 )
 def test_forward_that_cannot_be_exported(
-    tmp_path: Path, model: torch.nn.Module, shape: tuple[int, ...], words: list[str]
+    tmp_path: Path, model: torch.nn.Module, shape: tuple[int, ...], outputs: list[str] | None, words: list[str]
 ) -> None:
     with pytest.raises(CaptureError) as info:
-        dync.export(model, tmp_path / "out.dync", input_shape=shape)
+        dync.export(model, tmp_path / "out.dync", input_shape=shape, outputs=outputs)
     for word in words:
         assert word in str(info.value)
 
@@ -346,7 +342,7 @@ def test_missing_package(tmp_path: Path) -> None:
 
 def test_verify_against_a_model_with_other_exits(cli_export: CliExport, tmp_path: Path) -> None:
     package = copy_package(cli_export.package, tmp_path / "other.dync")
-    with pytest.raises(VerificationError, match="the model has 2 exits but package 'tiny' has 3"):
+    with pytest.raises(VerificationError, match="the model does not give the exits of package 'tiny'"):
         verify(dync.load(package), TinyMultiExit(num_exits=2).eval())
 
 

@@ -23,7 +23,7 @@ import torch
 from dync.errors import CaptureError
 from dync.exporter import outputs as outputs_module
 from dync.exporter import rewrites
-from dync.exporter.example import INPUT_NAME, Example, call_model
+from dync.exporter.example import INPUT_NAME, Example, by_keyword, call_model
 from dync.exporter.probe import ORT_ERRORS
 from dync.exporter.repairs import repair_translation_defects
 from dync.exporter.symbolic_batch import symbolic_batch
@@ -88,9 +88,10 @@ def _eager_outputs(model: torch.nn.Module, names: Sequence[str], inputs: Sequenc
     except CaptureError:
         raise
     except Exception as exc:
-        shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, inputs, strict=True))
+        given = (f"an input of shape {list(inputs[0].shape)}" if not by_keyword(names) else
+                 "the inputs " + ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, inputs, strict=True)))
         raise CaptureError(
-            f"the model rejected inputs {shapes} ({type(exc).__name__}: {exc}); pass the shape it expects with "
+            f"the model rejected {given} ({type(exc).__name__}: {exc}); pass the shape it expects with "
             "--input-shape, e.g. 16x3x32x32, or its arguments with --example EXAMPLE.npz."
         ) from exc
 

@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 
 from dync.calib.thresholds import even_split_thresholds
-from dync.errors import VerificationError
+from dync.errors import CaptureError, VerificationError
 from dync.exporter.capture import eager_exits
 from dync.exporter.probe import ORT_ERRORS, every_tensor_session
 from dync.graph import innermost_frame, source_line
@@ -59,8 +59,13 @@ class BatchErrors:
 def eager_reference(model: torch.nn.Module, feeds: dict[str, np.ndarray], manifest: Manifest) -> list[np.ndarray]:
     """Every exit's eager output on `feeds`, as numpy, picked from the forward's outputs as the package was."""
     tensors = [torch.from_numpy(feeds[t.name]) for t in manifest.inputs]
-    return [o.numpy() for o in eager_exits(model, [t.name for t in manifest.inputs], tensors,
-                                           manifest.output_selection, manifest.exit_selection)]
+    try:
+        found = eager_exits(model, [t.name for t in manifest.inputs], tensors, manifest.output_selection,
+                            manifest.exit_selection)
+    except CaptureError as exc:
+        raise VerificationError(f"the model does not give the exits of package '{manifest.name}' ({exc}); verify "
+                                "against the model the package was exported from.") from exc
+    return [o.numpy() for o in found]
 
 
 def batch_errors(engine: Engine, reference: list[np.ndarray], feeds: dict[str, np.ndarray]) -> BatchErrors:

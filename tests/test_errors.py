@@ -184,6 +184,11 @@ class _DropsBatch(torch.nn.Module):
         return [x.mean(dim=(2, 3)), x.mean()]
 
 
+class _Median(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.median(dim=1).values
+
+
 @pytest.mark.parametrize(
     ("model", "shape", "outputs", "words"),
     [
@@ -192,8 +197,9 @@ class _DropsBatch(torch.nn.Module):
         (_DropsBatch(), TINY_SHAPE, ["2"], ["--outputs 2", "0..1"]),
         (_ReturnsDict(), TINY_SHAPE, ["probs"], ["no key 'probs'", "['logits']"]),
         (TinyMultiExit(), (4, 5, 16, 16), None, ["rejected an input of shape [4, 5, 16, 16]", "--input-shape"]),
+        (_Median(), (4, 5), None, ["no translation for aten.median.dim at ", "test_errors.py:", "x.sort(dim)"]),
     ],
-    ids=["dict_output", "scalar_exit", "bad_index", "bad_key", "wrong_example_shape"],
+    ids=["dict_output", "scalar_exit", "bad_index", "bad_key", "wrong_example_shape", "untranslated_op"],
 )
 def test_forward_that_cannot_be_exported(
     tmp_path: Path, model: torch.nn.Module, shape: tuple[int, ...], outputs: list[str] | None, words: list[str]

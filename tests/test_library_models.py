@@ -24,7 +24,8 @@ MIN_INPUT_DEPENDENCE = 0.01
 CASES: list[tuple[str, str, tuple[int, int, int, int], dict[str, Any]]] = [
     ("torchvision", "resnet18", (2, 3, 32, 32), {}),
     ("torchvision", "squeezenet1_1", (2, 3, 64, 64), {}),
-    ("torchvision", "shufflenet_v2_x0_5", (2, 3, 32, 32), {}),
+    ("torchvision", "ShuffleNetV2", (2, 3, 32, 32), {"stages_repeats": [2, 1, 1],
+                                                     "stages_out_channels": [24, 48, 96, 192, 1024]}),
     ("torchvision", "mobilenet_v3_small", (2, 3, 32, 32), {}),
     ("torchvision", "DenseNet", (2, 3, 32, 32), {"growth_rate": 12, "block_config": (2, 2, 2, 2),
                                                  "num_init_features": 16}),
@@ -45,7 +46,6 @@ CASES: list[tuple[str, str, tuple[int, int, int, int], dict[str, Any]]] = [
     ("timm", "pvt_v2_b0", (2, 3, 64, 64), {"depths": (1, 1, 1, 1)}),
     ("timm", "fastvit_t8", (2, 3, 64, 64), {"layers": (1, 1, 1, 1)}),
     ("timm", "tf_mobilenetv3_small_minimal_100", (2, 3, 32, 32), {}),
-    ("timm", "regnetx_002", (2, 3, 32, 32), {}),
 ]
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ from dync.exporter.example import INPUT_NAME, Example, by_keyword, call_model
 from dync.exporter.probe import ORT_ERRORS
 from dync.exporter.repairs import repair_translation_defects
 from dync.exporter.symbolic_batch import symbolic_batch
+from dync.graph import innermost_frame
 from dync.package import BATCH_DIM
 from dync.plugins.splice import decompose_custom_nodes
 from dync.records import BatchFixRecord
@@ -181,7 +183,7 @@ def _onnx_program(wrapped: torch.nn.Module, tensors: tuple[torch.Tensor, ...], n
     except CaptureError:
         raise
     except Exception as exc:
-        raise _explain_capture_failure(exc) from exc
+        raise _explain_capture_failure(exc, lambda: torch.export.export(wrapped, tensors, strict=False)) from exc
     graph_outputs = [o.name for o in program.model_proto.graph.output]
     assert graph_outputs == exit_names, f"capture renamed the exits: {graph_outputs}"
     return program
@@ -203,7 +205,8 @@ def _exits_follow_batch(model: onnx.ModelProto, example: Example) -> bool:
         alone = session.run(None, {name: a[:1] for name, a in example.arrays.items()})
     except ORT_ERRORS:
         return False
-    return all(np.allclose(a, w[:1], rtol=1e-4, atol=1e-5 + 1e-4 * float(np.abs(w).max(initial=0)))
+    return all(a.shape == w[:1].shape and np.allclose(a, w[:1], rtol=1e-4,
+                                                      atol=1e-5 + 1e-4 * float(np.abs(w).max(initial=0)))
                for a, w in zip(alone, whole, strict=True))
 
 
@@ -252,8 +255,19 @@ def _specialization_site(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...
     return ""
 
 
-def _explain_capture_failure(exc: Exception) -> CaptureError:
+def _explain_capture_failure(exc: Exception, retrace: Callable[[], torch.export.ExportedProgram]) -> CaptureError:
+    """One sentence for a failed capture; `retrace` traces the forward again, for the line of an op torch.onnx
+    has no translation for (its failure names only the program node)."""
     text = _exception_chain_text(exc)
+    untranslated = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)
+    if untranslated:
+        node = re.search(r"Error when translating node %(\w+)", text)
+        op = f"{untranslated.group(1)}.{untranslated.group(2)}"
+        return CaptureError(
+            f"torch.onnx has no translation for {op}{_program_line(retrace, node.group(1)) if node else ''}; "
+            "write that line with ops ONNX has (e.g. a median as x.sort(dim).values.select(dim, (n - 1) // 2)), "
+            "or give torch.onnx a translation for it."
+        )
     if "GuardOnDataDependentSymNode" in text or "data-dependent" in text:
         where = _user_frame(text)
         return CaptureError(
@@ -271,6 +285,19 @@ def _explain_capture_failure(exc: Exception) -> CaptureError:
         f"torch.export could not capture the forward ({first_line}); "
         "see https://pytorch.org/docs/stable/export.html for supported constructs."
     )
+
+
+def _program_line(retrace: Callable[[], torch.export.ExportedProgram], name: str) -> str:
+    """' at FILE:LINE (`code`)' of the program node `name`, from a fresh trace; empty when that fails."""
+    try:
+        with quiet_torch_onnx():
+            program = retrace()
+    except Exception:  # the line is a hint on top of the error, which stands without it
+        return ""
+    node = next((n for n in program.graph.nodes if n.name == name), None)
+    frame = innermost_frame((node.meta.get("stack_trace") or "") if node is not None else "")
+    found = re.match(r'File "([^"]+)", line (\d+)', frame)
+    return f" at {found.group(1)}:{found.group(2)}" if found else ""
 
 
 def _exception_chain_text(exc: BaseException) -> str:

@@ -76,6 +76,13 @@ def batch_errors(engine: Engine, reference: list[np.ndarray], feeds: dict[str, n
             f"the model has {len(reference)} exits but package '{engine.manifest.name}' has {num_exits}; "
             "verify against the model the package was exported from."
         )
+    batch = batch_of(feeds)
+    for k, r in enumerate(reference):
+        if r.ndim == 0 or r.shape[0] != batch:
+            raise VerificationError(
+                f"at batch {batch} the model's exit {k} has shape {list(r.shape)}, without the batch first (a "
+                "squeeze() that drops a batch of 1?); keep the batch axis, e.g. with flatten(1) or squeeze(-1)."
+            )
     forced = [_max_abs(engine.execute(feeds, forcing_thresholds(k, num_exits)).output(k), reference[k])
               for k in range(num_exits)]
     relative = [error / max(float(np.abs(r).max()), 1e-12) for error, r in zip(forced, reference, strict=True)]
@@ -120,12 +127,17 @@ def check_package(engine: Engine, model: torch.nn.Module, inputs: Sequence[Input
 
 
 def disagreement(name: str, record: VerificationRecord) -> VerificationError:
-    """The error for a failed record: the worst exit and how far off it is."""
+    """The error for a failed record: the worst exit path, or the mixed run when that is where it fails."""
     worst = int(np.argmax(record.max_rel_error))
+    if record.mixed_max_abs_error > max(record.max_abs_error):
+        where = (f"the mixed run, with exit counts {record.mixed_exit_counts}: max abs error "
+                 f"{record.mixed_max_abs_error:.3g}")
+    else:
+        where = f"exit {worst}, max abs error {record.max_abs_error[worst]:.3g}"
     return VerificationError(
-        f"package '{name}' disagrees with eager PyTorch (worst: exit {worst}, max abs error "
-        f"{record.max_abs_error[worst]:.3g}, allowed {record.atol:g} + {record.rtol:g} x |reference|, batches "
-        f"{record.batches}); re-export it with this dync and torch, and report the model if it persists."
+        f"package '{name}' disagrees with eager PyTorch (worst: {where}, allowed {record.atol:g} + {record.rtol:g} x "
+        f"|reference|, batches {record.batches}); re-export it with this dync and torch, and report the model if "
+        "it persists."
     )
 
 

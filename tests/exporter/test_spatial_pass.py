@@ -29,6 +29,7 @@ import dync
 import dync.exporter
 from dync.errors import SpatialLoweringWarning
 from dync.exporter.capture import Captured, capture
+from dync.exporter.example import Example
 from dync.exporter.passes.spatial import SpatialLoweringError, lower_masked_bottlenecks
 from dync.package import Manifest
 from dync.plugins.splice import decompose_custom_nodes
@@ -317,9 +318,10 @@ class CifarPackages:
         self._captured: Captured | None = None
         self._done: dict[str, Path] = {}
 
-    def capture(self, model: nn.Module, example: Tensor, exits: Sequence[int] | None = None) -> Captured:
+    def capture(self, model: nn.Module, example: Example, exits: Sequence[int] | None = None,
+                outputs: Sequence[str] | None = None) -> Captured:
         """`dync.exporter.capture` of `self.model`, run once; a copy each call, since export replaces its model."""
-        assert model is self.model and exits is None
+        assert model is self.model and exits is None and outputs is None
         if self._captured is None:
             self._captured = capture(model, example, exits)
         proto = onnx.ModelProto()

@@ -189,6 +189,13 @@ class _Median(torch.nn.Module):
         return x.median(dim=1).values
 
 
+class _Attention5D(torch.nn.Module):
+    """Hiera- and Twins-style attention over [B, windows, heads, N, d], which torch.onnx translates for 4-D only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x).flatten(1)
+
+
 @pytest.mark.parametrize(
     ("model", "shape", "outputs", "words"),
     [
@@ -198,8 +205,12 @@ class _Median(torch.nn.Module):
         (_ReturnsDict(), TINY_SHAPE, ["probs"], ["no key 'probs'", "['logits']"]),
         (TinyMultiExit(), (4, 5, 16, 16), None, ["rejected an input of shape [4, 5, 16, 16]", "--input-shape"]),
         (_Median(), (4, 5), None, ["no translation for aten.median.dim at ", "test_errors.py:", "x.sort(dim)"]),
+        (_Attention5D(), (2, 2, 4, 8, 16), None, ["could not translate the captured forward of "
+                                                  "aten.scaled_dot_product_attention", "test_errors.py:",
+                                                  "only 4D query, key, and value are supported"]),
     ],
-    ids=["dict_output", "scalar_exit", "bad_index", "bad_key", "wrong_example_shape", "untranslated_op"],
+    ids=["dict_output", "scalar_exit", "bad_index", "bad_key", "wrong_example_shape", "untranslated_op",
+         "translation_fails"],
 )
 def test_forward_that_cannot_be_exported(
     tmp_path: Path, model: torch.nn.Module, shape: tuple[int, ...], outputs: list[str] | None, words: list[str]

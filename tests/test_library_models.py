@@ -1,8 +1,9 @@
 """Real architectures from torchvision and timm (random weights, no downloads) through `dync.export`, equal to
 eager at batches 1 and 3: a regression set for capture, probe, the passes and verification on the ops and idioms
 of published models (channel shuffle, TF "same" padding, shifted and grid windows, relative position biases, RoPE,
-LeViT's attention biases, PVT's spatial-reduction attention, nn.MultiheadAttention). They have one exit, so one
-stage. Where a model takes a depth or size it is cut down, so that the file runs in about two minutes on two cores.
+LeViT's attention biases, PVT's spatial-reduction attention, nn.MultiheadAttention, Sequencer's bidirectional
+LSTMs). They have one exit, so one stage. Depths and sizes are cut down where the library takes them, so that the
+file runs in about two minutes on two cores.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ CASES: list[tuple[str, str, tuple[int, int, int, int], dict[str, Any]]] = [
                                                              "num_heads": (3, 6)}),
     ("timm", "levit_128s", (2, 3, 64, 64), {"img_size": 64, "depth": (1, 1, 1)}),
     ("timm", "pvt_v2_b0", (2, 3, 64, 64), {"depths": (1, 1, 1, 1)}),
-    ("timm", "fastvit_t8", (2, 3, 64, 64), {"layers": (1, 1, 1, 1)}),
+    ("timm", "sequencer2d_s", (2, 3, 32, 32), {"layers": (1, 1, 1, 1)}),
+    ("timm", "mambaout_femto", (2, 3, 64, 64), {"depths": (1, 1, 1, 1)}),
     ("timm", "tf_mobilenetv3_small_minimal_100", (2, 3, 32, 32), {}),
 ]
 

@@ -280,11 +280,33 @@ def _explain_capture_failure(exc: Exception, retrace: Callable[[], torch.export.
             "the forward fixes the batch size (e.g. a reshape with a literal batch or a loop over the batch), "
             "so the package could not take any batch; use x.flatten(1) or x.view(x.size(0), -1) instead."
         )
-    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    node = re.search(r"Error when translating node %(\w+) : .*?target=([\w.]+)", text)
+    if node is not None or "step 2/3" in text or "step 3/3" in text:
+        op = f" of {node.group(2).removeprefix('torch.ops.')}" if node else ""
+        where = _program_line(retrace, node.group(1)) if node else ""
+        return CaptureError(
+            f"torch.onnx could not translate the captured forward{op}{where} ({_innermost_cause(exc)}); write "
+            "that line with other ops, or report it to torch.onnx with this message."
+        )
     return CaptureError(
-        f"torch.export could not capture the forward ({first_line}); "
+        f"torch.export could not capture the forward ({_innermost_cause(exc)}); "
         "see https://pytorch.org/docs/stable/export.html for supported constructs."
     )
+
+
+def _innermost_cause(exc: BaseException) -> str:
+    """The first line of the deepest exception in the chain (torch.onnx wraps the real cause in several
+    layers), without terminal colour codes."""
+    causes = []
+    current: BaseException | None = exc
+    while current is not None and current not in causes:
+        causes.append(current)
+        current = current.__cause__ or current.__context__
+    for cause in reversed(causes):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
+        if text:
+            return f"{type(cause).__name__}: {text.splitlines()[0]}"
+    return type(exc).__name__
 
 
 def _program_line(retrace: Callable[[], torch.export.ExportedProgram], name: str) -> str:

@@ -564,3 +564,21 @@ def test_cli_rejects_a_bad_crossover(small_model_path: Path, value: str) -> None
     assert f"'{value}'" in result.output and "--spatial-crossover" in result.output, result.output
     assert not (small_model_path.parent / "bad.dync").exists()
 
+
+
+class _ScaledResidual(nn.Module):
+    """NF-ResNet's join, `relu(conv(x) * gain + x)`: a Mul by a constant scales a residual and masks nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.conv(x) * 0.2 + x).mean((2, 3))
+
+
+def test_a_residual_scaled_by_a_constant_is_no_candidate(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SpatialLoweringWarning)
+        package = dync.export(_ScaledResidual().eval(), tmp_path / "nf.dync", input_shape=(2, 4, 8, 8))
+    assert dync.load(package).manifest.records("spatial") == []

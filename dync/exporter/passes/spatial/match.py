@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from dync.graph import producer
+from dync.graph import constant, producer
 
 # Ops that copy or rearrange values without creating new ones: a binary tensor stays binary through them.
 VALUE_PRESERVING = ("Reshape", "Unsqueeze", "Squeeze", "Expand", "Identity", "Tile", "Flatten")
@@ -54,11 +54,16 @@ class Block:
 
 
 def candidates(graph: gs.Graph) -> Iterator[gs.Node]:
-    """Relu nodes whose input is an Add with a Mul operand: the join of a masked residual block."""
+    """Relu nodes whose input is an Add with a Mul of two computed tensors: the join of a masked residual
+    block. A Mul by a constant (NF-ResNet's residual gain, a layer scale) scales a residual; it masks nothing."""
     for node in graph.nodes:
         add = producer(node.inputs[0], "Add") if node.op == "Relu" else None
-        if add is not None and any(producer(t, "Mul") is not None for t in add.inputs):
+        if add is not None and any(_masking(producer(t, "Mul")) for t in add.inputs):
             yield node
+
+
+def _masking(mul: gs.Node | None) -> bool:
+    return mul is not None and not any(constant(t) is not None for t in mul.inputs)
 
 
 def masked_operands(add: gs.Node) -> Iterator[tuple[gs.Node, gs.Tensor, gs.Tensor, gs.Tensor]]:

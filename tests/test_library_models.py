@@ -1,9 +1,10 @@
 """Real architectures from torchvision and timm (random weights, no downloads) through `dync.export`, equal to
 eager at batches 1 and 3: a regression set for capture, probe, the passes and verification on the ops and idioms
 of published models (channel shuffle, TF "same" padding, shifted and grid windows, relative position biases, RoPE,
-LeViT's attention biases, PVT's spatial-reduction attention, nn.MultiheadAttention, Sequencer's bidirectional
-LSTMs). They have one exit, so one stage. Depths and sizes are cut down where the library takes them, so that the
-file runs in about two minutes on two cores.
+LeViT's attention biases, PVT's spatial-reduction attention, nn.MultiheadAttention). They have one exit, so
+one stage. Depths and sizes are cut down where the library takes them, so that the file runs in under two
+minutes on two cores; torchvision's mobilenet_v3_small and timm's sequencer2d_s (bidirectional LSTMs) pass too
+and are left out for time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ CASES: list[tuple[str, str, tuple[int, int, int, int], dict[str, Any]]] = [
     ("torchvision", "squeezenet1_1", (2, 3, 64, 64), {}),
     ("torchvision", "ShuffleNetV2", (2, 3, 32, 32), {"stages_repeats": [2, 1, 1],
                                                      "stages_out_channels": [24, 48, 96, 192, 1024]}),
-    ("torchvision", "mobilenet_v3_small", (2, 3, 32, 32), {}),
     ("torchvision", "DenseNet", (2, 3, 32, 32), {"growth_rate": 12, "block_config": (2, 2, 2, 2),
                                                  "num_init_features": 16}),
     ("torchvision", "SwinTransformer", (2, 3, 32, 32), {"patch_size": [4, 4], "embed_dim": 32, "depths": [2, 2],
@@ -45,7 +45,6 @@ CASES: list[tuple[str, str, tuple[int, int, int, int], dict[str, Any]]] = [
                                                              "num_heads": (3, 6)}),
     ("timm", "levit_128s", (2, 3, 64, 64), {"img_size": 64, "depth": (1, 1, 1)}),
     ("timm", "pvt_v2_b0", (2, 3, 64, 64), {"depths": (1, 1, 1, 1)}),
-    ("timm", "sequencer2d_s", (2, 3, 32, 32), {"layers": (1, 1, 1, 1)}),
     ("timm", "mambaout_femto", (2, 3, 64, 64), {"depths": (1, 1, 1, 1)}),
     ("timm", "tf_mobilenetv3_small_minimal_100", (2, 3, 32, 32), {}),
 ]

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from dync.errors import InputError, PackageError, ProfileError
+from dync.inputs import Inputs
 from dync.package import load_manifest
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds
@@ -211,7 +212,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _run_uncompacted(engine: Engine, x: np.ndarray) -> tuple[list[dict[str, np.ndarray]], list[list[np.ndarray]]]:
+def _run_uncompacted(engine: Engine, x: Inputs) -> tuple[list[dict[str, np.ndarray]], list[list[np.ndarray]]]:
     """Each stage's feeds for input x, and the state the executor holds after each stage, from one run
     in which every sample runs every stage."""
     held: list[dict[str, np.ndarray]] = []

@@ -89,3 +89,30 @@ def test_a_graph_that_changes_otherwise_is_refused_naming_the_line() -> None:
     second = _onnx_program(wrapped, (torch.ones(5, 3),), example.names, ["exit0"], "static").model_proto
     with pytest.raises(CaptureError, match=r"at tests/x.py:3 .*no single graph serves every batch"):
         symbolic_batch(first, 4, second, 5, " at tests/x.py:3 (`n = int(x.shape[0] / 1.0)`)")
+
+
+class _TwoExitWindows(nn.Module):
+    """An early exit on the embedding and a late one after Swin-style windows whose merge fixes the batch, so
+    compaction hands the second stage a batch neither capture saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.early = nn.Linear(8, 5)
+        self.block = SwinWindowBlock(num_classes=5)
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [self.early(self.embed(x).mean(dim=(2, 3))), self.block(x)]
+
+
+def test_early_exits_compact_a_batch_fixing_forward_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _TwoExitWindows().eval()
+    engine = dync.load(dync.export(model, tmp_path / "two.dync", input_shape=(4, 3, 16, 16)))
+    assert engine.manifest.batch_fix is not None and engine.manifest.verification.passed
+    x = np.random.default_rng(5).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    early, late = eager_outputs(model, x)
+    confidences = torch.softmax(torch.from_numpy(early), dim=-1).max(-1).values.numpy()
+    result = engine.run(x, thresholds=[float(np.median(confidences))])
+    assert 0 < (result.exit == 0).sum() < 16, "the threshold splits the batch"
+    assert_close(result.logits, np.where((result.exit == 0)[:, None], early, late))

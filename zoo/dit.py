@@ -20,6 +20,15 @@ import torch
 from torch import Tensor, nn
 
 
+def unpatchify(x: Tensor, p: int, c: int) -> Tensor:
+    """[N, T, p * p * c] tokens back to [N, c, H, W] images, the side taken as DiT takes it."""
+    h = w = int(x.shape[1] ** 0.5)
+    assert h * w == x.shape[1]
+    x = x.reshape(shape=(x.shape[0], h, w, p, p, c))
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(shape=(x.shape[0], c, h * p, h * p))
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -119,12 +128,7 @@ class TinyDiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
 
     def unpatchify(self, x: Tensor) -> Tensor:
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        assert h * w == x.shape[1]
-        x = x.reshape(shape=(x.shape[0], h, w, p, p, c))
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(shape=(x.shape[0], c, h * p, h * p))
+        return unpatchify(x, self.patch_size, self.out_channels)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, complete_model: bool = False) -> Tensor:
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed

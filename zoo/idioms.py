@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from zoo.dit import unpatchify
+
 
 def window_partition(x: Tensor, window_size: int) -> Tensor:
     """Swin Transformer's split of [B, H, W, C] into [B * nW, ws, ws, C] windows."""
@@ -169,12 +171,7 @@ class DiTUnpatchify(nn.Module):
         self.head = nn.Conv2d(channels, num_classes, 3, padding=1)
 
     def unpatchify(self, x: Tensor) -> Tensor:
-        c, p = self.channels, self.patch
-        h = w = int(x.shape[1] ** 0.5)
-        assert h * w == x.shape[1]
-        x = x.reshape(shape=(x.shape[0], h, w, p, p, c))
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(shape=(x.shape[0], c, h * p, h * p))
+        return unpatchify(x, self.patch, self.channels)
 
     def forward(self, x: Tensor) -> Tensor:
         tokens = self.final(self.embed(x).flatten(2).transpose(1, 2))

@@ -117,6 +117,9 @@ def main() -> None:
               help="Mask density above which a lowered block runs dense: 'auto' measures it per block here.")
 @click.option("--no-pass", "skip_passes", multiple=True, metavar="NAME",
               help="Skip an exporter pass (spatial, tokens, attention); repeat for several.")
+@click.option("--force", is_flag=True, help="Replace an existing package at -o (its calibration is not kept).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Load a pickled MODEL (torch.save): unpickling runs code from the file (also DYNC_TRUST_PICKLE=1).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the package against eager PyTorch at the example batch and batches 1 and 3 before "
                    "writing it.")
@@ -125,10 +128,11 @@ def main() -> None:
                    "confidence [B] in [0, 1] (its module on PYTHONPATH), exported into the package.")
 def export(model: Path, output: Path, input_shape: list[int] | None, example: Path | None,
            outputs: list[str] | None, exits: list[int] | None, name: str | None, lower_spatial: bool, ops: str,
-           spatial_crossover: float | None, skip_passes: tuple[str, ...], verify: bool, criterion: str) -> None:
+           spatial_crossover: float | None, skip_passes: tuple[str, ...], force: bool, trust_pickle: bool,
+           verify: bool, criterion: str) -> None:
     """Export MODEL (torch.save'd module, TorchScript or .pt2) to a .dync package.
 
-    Loading a pickled module runs code from the file: only export models you trust.
+    A pickled module is loaded only with --trust-pickle: unpickling runs code from the file.
     """
     from dync.exporter import export as run_export
 
@@ -136,7 +140,8 @@ def export(model: Path, output: Path, input_shape: list[int] | None, example: Pa
         warnings.showwarning = _echo_warning
         run_export(model, output, input_shape, exits=exits, name=name, progress=_progress,
                    lower_spatial=lower_spatial, ops=ops, spatial_crossover=spatial_crossover, skip_passes=skip_passes,
-                   verify=verify, example=example, outputs=outputs, criterion=criterion)
+                   verify=verify, example=example, outputs=outputs, criterion=criterion, force=force,
+                   trust_pickle=trust_pickle)
     _print_summary(output)
 
 
@@ -209,13 +214,17 @@ def run(package: Path, input_path: Path, thresholds: list[float] | None, output:
 @click.option("--batch", default=8, show_default=True, help="Batch size of the random check data.")
 @click.option("--rtol", default=1e-4, show_default=True, help="Allowed error relative to the largest output.")
 @click.option("--atol", default=1e-5, show_default=True, help="Allowed absolute error.")
-def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol: float, atol: float) -> None:
+@click.option("--trust-pickle", is_flag=True,
+              help="Load a pickled MODEL (torch.save): unpickling runs code from the file (also DYNC_TRUST_PICKLE=1).")
+def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol: float, atol: float,
+           trust_pickle: bool) -> None:
     """Check every exit path of PACKAGE against eager PyTorch; exit status 1 on mismatch."""
     import dync
     from dync.verify import verify as run_verify
 
     x = _load_inputs(input_path) if input_path else None
-    record = run_verify(dync.load(package), model, x=x, batch=batch, rtol=rtol, atol=atol, progress=_progress)
+    record = run_verify(dync.load(package), model, x=x, batch=batch, rtol=rtol, atol=atol, progress=_progress,
+                        trust_pickle=trust_pickle)
     click.echo(f"verified {package}: every exit path matches eager (worst abs error "
                f"{max(*record.max_abs_error, record.mixed_max_abs_error):.3g})")
 

@@ -83,6 +83,8 @@ def format_description(manifest: Manifest) -> str:
     verification = manifest.verification
     if verification:
         status = "passed" if verification.passed else "FAILED"
+        if verification.files and verification.files != {path: f.sha256 for path, f in manifest.files.items()}:
+            status += " on other files than the package holds now (run dync verify again)"
         lines.append(f"verification: {status} on {verification.checked} at batches {verification.batches} "
                      f"(max abs error per exit {[f'{e:.2g}' for e in verification.max_abs_error]})")
     else:

@@ -7,7 +7,12 @@ file and the field instead of failing later inside a stage.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ from dync.records import (
 FORMAT_NAME = "dync-package"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lock"
 STAGES_DIR = "stages"
 BATCH_DIM = "batch"
 
@@ -62,6 +68,14 @@ class ExitSpec:
 
 
 @dataclass(frozen=True)
+class FileRecord:
+    """What a package file held when it was written: its size and SHA-256, checked at every load."""
+
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One static ONNX subgraph of the program, with the state it reads and writes."""
 
@@ -83,7 +97,9 @@ class Manifest:
     `exit_selection` is the `--exits` choice (indices into those exits), None for all of them.
     `passes` holds, per exporter pass that found something (its name, e.g. "spatial"), one record per candidate
     (see `dync.records.PASS_RECORDS`); in the JSON each pass's records sit under its name. `custom_ops` lists
-    the `dync::` ops the stages use and the fallback a backend without their plugin takes. `batch_fix` says how
+    the `dync::` ops the stages use and the fallback a backend without their plugin takes. `files` holds the
+    size and SHA-256 of every file the package's program runs (stages, criterion graphs) and of its latency
+    profiles, by path inside the package; `load_manifest` checks them. `batch_fix` says how
     a forward that fixes the batch size was made to take any (None when it does not fix it).
     """
 
@@ -97,6 +113,7 @@ class Manifest:
     custom_ops: list[CustomOpRecord] = field(default_factory=list)
     passes: dict[str, list[PassRecord]] = field(default_factory=dict)
     batch_fix: BatchFixRecord | None = None
+    files: dict[str, FileRecord] = field(default_factory=dict)
     verification: VerificationRecord | None = None
     calibration: CalibrationRecord | None = None
     format: str = FORMAT_NAME
@@ -126,8 +143,57 @@ class Manifest:
 
 
 def write_manifest(package_dir: Path, manifest: Manifest) -> None:
+    """Replace the package's manifest atomically (see `write_atomically`), one writer at a time; a failed write
+    leaves the package as it was."""
     path = Path(package_dir) / MANIFEST_FILE
-    path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    try:
+        with package_lock(package_dir):
+            write_atomically(path, json.dumps(manifest.to_json(), indent=2) + "\n")
+    except OSError as exc:
+        raise PackageError(f"could not write {path} ({exc.strerror or exc}); the package is as it was: fix that "
+                           "and run the command again.") from exc
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` or what it held before, never a part: the text goes to a temporary file beside it,
+    is flushed to disk, and the file is renamed over `path` (atomic on POSIX and Windows), then the directory
+    entry is flushed. A reader sees the old or the new file; a kill or a full disk leaves the old one."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    if os.name != "posix":
+        return  # Windows has no directory handles to flush; its rename is durable on its own
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def package_lock(package_dir: Path) -> Iterator[None]:
+    """Hold the package's writer lock (an advisory `flock` on `.lock` in the package): calibrate, verify and
+    profile rewrite files of a package in place, and two of them at once must not interleave. Readers need
+    no lock, since every write is atomic."""
+    lock_path = Path(package_dir) / LOCK_FILE
+    with open(lock_path, "a") as lock:
+        if os.name == "posix":
+            import fcntl
+
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def load_manifest(package_dir: str | Path) -> Manifest:
@@ -175,7 +241,8 @@ def _list(value: Any) -> list:
 
 
 def _check_program(manifest: Manifest, package_dir: Path) -> None:
-    """Every stage file exists and every tensor a stage reads is a model input or written earlier."""
+    """Every stage file lies inside the package, exists and is what was written; every tensor a stage reads is
+    a model input or written earlier."""
     where = package_dir / MANIFEST_FILE
     if not manifest.stages:
         raise PackageError(f"{where} lists no stages; re-export the package.")
@@ -183,6 +250,8 @@ def _check_program(manifest: Manifest, package_dir: Path) -> None:
     state_names = {t.name for t in manifest.state}
     for stage in manifest.stages:
         for path, what in ((stage.onnx, "stage"), (stage.exit.criterion_onnx, "exit criterion of stage")):
+            if path is not None:
+                _check_inside(package_dir, path, f"{what} '{stage.name}'")
             if path is not None and not (package_dir / path).is_file():
                 raise PackageError(f"{package_dir / path} ({what} '{stage.name}') is missing; re-export the package.")
         missing = [name for name in stage.reads if name not in available]
@@ -196,3 +265,41 @@ def _check_program(manifest: Manifest, package_dir: Path) -> None:
         available.update(stage.writes)
         if not 0 <= stage.exit.macs <= stage.exit.cumulative_macs:
             raise PackageError(f"{where}: stage '{stage.name}' has inconsistent MAC counts; re-export the package.")
+    _check_files(manifest, package_dir)
+
+
+def _check_inside(package_dir: Path, path: str, what: str) -> None:
+    """A path the manifest names must resolve inside the package: no absolute path, no `..`, no link out."""
+    root = package_dir.resolve()
+    target = (package_dir / path).resolve()
+    if Path(path).is_absolute() or ".." in Path(path).parts or not target.is_relative_to(root):
+        raise PackageError(f"{package_dir / MANIFEST_FILE}: {what} names {path!r}, which is outside the package; a "
+                           "package may only run its own files: re-export it.")
+
+
+def _check_files(manifest: Manifest, package_dir: Path) -> None:
+    """Each recorded file has the size and SHA-256 it was written with (`FileRecord`)."""
+    for path, record in manifest.files.items():
+        _check_inside(package_dir, path, "the file list")
+        found = package_dir / path
+        if not found.is_file():
+            raise PackageError(f"{found} is missing; re-export the package or restore the file.")
+        if found.stat().st_size != record.bytes or file_record(found).sha256 != record.sha256:
+            raise PackageError(f"{found} changed after it was written (its size or SHA-256 differs from the "
+                               "manifest's): re-export the package or restore the file.")
+
+
+def file_record(path: Path) -> FileRecord:
+    """The size and SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return FileRecord(bytes=path.stat().st_size, sha256=digest.hexdigest())
+
+
+def program_files(package_dir: Path, manifest: Manifest) -> dict[str, FileRecord]:
+    """The records of every file the program runs: stage graphs and criterion graphs."""
+    paths = {s.onnx for s in manifest.stages}
+    paths |= {s.exit.criterion_onnx for s in manifest.stages if s.exit.criterion_onnx is not None}
+    return {path: file_record(Path(package_dir) / path) for path in sorted(paths)}

@@ -143,7 +143,8 @@ class CustomOpRecord:
 @dataclass(frozen=True)
 class VerificationRecord:
     """Worst errors against eager PyTorch per exit path and for the mixed (compacted) run, over the batch
-    sizes checked (`batches`; `batch` is the last of them)."""
+    sizes checked (`batches`; `batch` is the last of them); `files` is the SHA-256 of every program file that
+    was verified, which binds the record to those files."""
 
     max_abs_error: list[float]
     max_rel_error: list[float]
@@ -155,6 +156,7 @@ class VerificationRecord:
     passed: bool
     checked: str
     batches: list[int] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dync.exporter.loading import eval_mode, load_model
-from dync.exporter.verification import DEFAULT_ATOL, DEFAULT_RTOL, check_package, disagreement
+from dync.exporter.verification import DEFAULT_ATOL, DEFAULT_RTOL, bound_to_files, check_package, disagreement
 from dync.package import write_manifest
 from dync.records import VerificationRecord
 from dync.runtime.engine import Engine
@@ -32,15 +32,16 @@ def verify(
     atol: float = DEFAULT_ATOL,
     progress: Callable[[str], None] | None = None,
     record: bool = True,
+    trust_pickle: bool = False,
 ) -> VerificationRecord:
     """Compare every exit path with eager; raise VerificationError on mismatch after recording the result."""
     x = engine.example_input(batch) if x is None else x
     engine.check_input(x)
     if isinstance(model, (str, Path)):
-        model = load_model(model, tuple(torch.from_numpy(a) for a in engine.input_feeds(x).values()))
+        model = load_model(model, tuple(torch.from_numpy(a) for a in engine.input_feeds(x).values()), trust_pickle)
     result = check_package(engine, eval_mode(model), [x], rtol=rtol, atol=atol, progress=progress)
     if record:
-        engine.manifest.verification = result
+        engine.manifest.verification = bound_to_files(result, engine.manifest)
         write_manifest(engine.package_dir, engine.manifest)
     if not result.passed:
         raise disagreement(engine.manifest.name, result)

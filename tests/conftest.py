@@ -18,6 +18,9 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter; set before any kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The suite's model files are pickles it wrote itself; tests/exporter/test_loading.py unsets this to check that
+# a pickle is refused without the opt-in.
+os.environ.setdefault("DYNC_TRUST_PICKLE", "1")
 
 from click.testing import CliRunner, Result
 

@@ -113,15 +113,15 @@ def test_manifest_is_plain_json(msdnet: Exported) -> None:
 
 
 def test_export_names_and_overwrites_a_package(tmp_path: Path) -> None:
-    """Exporting onto an earlier package replaces it, stale stage files included; `name` is stored."""
+    """Exporting onto an earlier package with `force` replaces it, stale stage files included; `name` is stored."""
     output = tmp_path / "tiny.dync"
     output.mkdir()
-    (output / MANIFEST_FILE).write_text("{}")
+    (output / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT_NAME, "format_version": 0}))
     (output / "stages").mkdir()
     (output / "stages" / "stage9.onnx").write_text("stale")
     messages: list[str] = []
     model = tiny_model()
-    dync.export(model, output, input_shape=TINY_SHAPE, name="renamed", progress=messages.append)
+    dync.export(model, output, input_shape=TINY_SHAPE, name="renamed", progress=messages.append, force=True)
     assert not (output / "stages" / "stage9.onnx").exists()
     engine = dync.load(output)
     assert engine.manifest.name == "renamed"

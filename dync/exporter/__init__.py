@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
 import shutil
 import tempfile
 import warnings
@@ -28,6 +29,7 @@ from dync.exporter.passes.spatial import check_crossover
 from dync.exporter.probe import Probe, probe_graph
 from dync.exporter.verification import (
     StageCheck,
+    bound_to_files,
     check_package,
     disagreement,
     first_batch_dependence,
@@ -37,12 +39,14 @@ from dync.graph import default_opset
 from dync.inputs import random_inputs
 from dync.package import (
     BATCH_DIM,
+    FORMAT_NAME,
     MANIFEST_FILE,
     STAGES_DIR,
     ExitSpec,
     Manifest,
     StageSpec,
     TensorSpec,
+    program_files,
     write_manifest,
 )
 from dync.plugins.splice import custom_ops_used, decompose_custom_nodes
@@ -71,6 +75,8 @@ def export(
     example: str | Path | Mapping[str, Any] | None = None,
     outputs: Sequence[str] | None = None,
     criterion: str = EXIT_CRITERION,
+    force: bool = False,
+    trust_pickle: bool = False,
 ) -> Path:
     """Export `model` (a module or a model file) to the package directory `output` and return its path.
 
@@ -95,8 +101,13 @@ def export(
     example batch and at batches 1 and 3, every exit path forced and one mixed run; a package that disagrees
     is not written, and the error names the first tensor of the captured graph that depends on the batch
     (with its model source line) when there is one. The record goes into the manifest.
+
+    `output` must be absent, an empty directory, or (with `force`) an earlier package, checked before any work.
+    A pickled model file is loaded only with `trust_pickle` (see `dync.exporter.loading`).
     """
     report = progress or (lambda message: None)
+    output = Path(output)
+    _check_output(output, force)
     arrays = _checked_inputs(input_shape, example)
     skipped = _checked_passes(skip_passes, lower_spatial)
     exit_criterion = parse_criterion(criterion)
@@ -108,7 +119,7 @@ def export(
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
         report(f"loading {source}")
-        model = load_model(source, inputs.tensors())
+        model = load_model(source, inputs.tensors(), trust_pickle=trust_pickle)
     eval_mode(model)
     if arrays:
         inputs = bind_example(model, arrays, where=str(example) if isinstance(example, (str, Path)) else "the example")
@@ -128,7 +139,6 @@ def export(
     context = PassContext(form=ops, whole_model=captured.model, progress=report, spatial_crossover=spatial_crossover)
     check = StageCheck.on_inputs(stages, random_inputs(specs, 3, seed=1)) if verify else None
     records = _run_passes(stages, context, skipped, check)
-    output = Path(output)
     package_name = name or output.name.removesuffix(".dync")
     shape = None if arrays else _checked_shape(input_shape)
     manifest = _manifest(package_name, specs, stages, probe, _provenance(source, shape, inputs, stages[0].model))
@@ -138,13 +148,15 @@ def export(
     manifest.passes = records
     manifest.custom_ops = custom_ops_used([s.model for s in stages])
     criterion_graphs = exit_criterion.attach(manifest)
-    _check_output(output)
     staged = _write_staged(output, manifest, stages)
     try:
         write_graphs(staged, criterion_graphs)
+        manifest.files = program_files(staged, manifest)
+        write_manifest(staged, manifest)
         if verify:
             report("verifying the package against eager PyTorch")
-            manifest.verification = _verified(staged, model, captured, inputs, progress=report)
+            manifest.verification = bound_to_files(_verified(staged, model, captured, inputs, progress=report),
+                                                   manifest)
             write_manifest(staged, manifest)
         _replace(output, staged)
     finally:
@@ -331,10 +343,30 @@ def _provenance(source: Path | None, input_shape: tuple[int, ...] | None, exampl
     )
 
 
-def _check_output(output: Path) -> None:
-    """`output` may be absent, empty or an earlier package, never an unrelated file or directory."""
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_FILE).exists())):
-        raise ExportError(f"{output} exists and is not a dync package; choose another -o path or remove it.")
+def _check_output(output: Path, force: bool) -> None:
+    """`output` may be absent or an empty directory, an earlier package only with `force`, and never anything
+    else: a directory that is not a dync package is never replaced."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ExportError(f"{output} is a file, not a package directory; choose another -o path.")
+    if not any(output.iterdir()):
+        return
+    if not _is_package(output):
+        raise ExportError(f"{output} is a directory that is not a dync package, and export never replaces one; "
+                          "choose another -o path.")
+    if not force:
+        raise ExportError(f"{output} is a dync package already; pass --force to replace it (its calibration, "
+                          "verification record and calib/ profiles are not carried over).")
+
+
+def _is_package(directory: Path) -> bool:
+    """Whether `directory` holds a manifest that says it is a dync package (of any format version)."""
+    try:
+        raw = json.loads((directory / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("format") == FORMAT_NAME
 
 
 def _write_staged(output: Path, manifest: Manifest, stages: list[Stage]) -> Path:
@@ -349,6 +381,13 @@ def _write_staged(output: Path, manifest: Manifest, stages: list[Stage]) -> Path
 
 
 def _replace(output: Path, staged: Path) -> None:
-    if output.exists():
-        shutil.rmtree(output)
+    """Move the verified package into place; an earlier one is moved aside first and deleted only after, so a
+    kill at any point leaves a whole package at `output` (or, between the two renames, the earlier one beside
+    it)."""
+    if not output.exists() or not any(output.iterdir()):
+        staged.replace(output)
+        return
+    retired = staged.with_name(f"{staged.name}.replaced")
+    output.rename(retired)
     staged.rename(output)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -2,12 +2,14 @@
 
 Three formats arrive: a pickled module (`torch.save(model)`), TorchScript (`torch.jit.save`) and a
 `torch.export` program (`.pt2`). All three end as an eager-callable module so capture has one path.
-Loading a pickle runs code from the file: only load models you trust.
+Loading a pickle runs code from the file, so a pickle is loaded only when the user says they trust it
+(`trust_pickle`, `--trust-pickle`, or DYNC_TRUST_PICKLE=1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -16,10 +18,19 @@ import torch
 
 from dync.errors import ModelLoadError
 
+TRUST_PICKLE_ENV = "DYNC_TRUST_PICKLE"
+"""Set to 1 to load pickled models without `--trust-pickle` (for scripts that only load their own models)."""
 
-def load_model(path: str | Path, example: tuple[torch.Tensor, ...] | None = None) -> torch.nn.Module:
-    """Load `path` in eval mode; `example` (the forward's inputs) is needed only to convert TorchScript."""
+
+def load_model(path: str | Path, example: tuple[torch.Tensor, ...] | None = None,
+               trust_pickle: bool = False) -> torch.nn.Module:
+    """Load `path` in eval mode; `example` (the forward's inputs) is needed only to convert TorchScript. A
+    pickle is unpickled only with `trust_pickle` (or DYNC_TRUST_PICKLE=1): unpickling runs whatever code the
+    file holds, while `.pt2` programs and TorchScript load without running Python from the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory; pass the model file (saved with torch.save, torch.jit.save "
+                             "or torch.export.save).")
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist; pass the path of a model saved with torch.save(model).")
     if not zipfile.is_zipfile(path):
@@ -28,6 +39,13 @@ def load_model(path: str | Path, example: tuple[torch.Tensor, ...] | None = None
             "save the whole module with torch.save(model, path)."
         )
     kind = _archive_kind(path)
+    if kind == "pickle" and not (trust_pickle or os.environ.get(TRUST_PICKLE_ENV) == "1"):
+        raise ModelLoadError(
+            f"{path} is a pickled model, and unpickling runs any code the file holds; pass --trust-pickle (or set "
+            f"{TRUST_PICKLE_ENV}=1) if you trust where it came from, or save the model as a torch.export program "
+            "(torch.export.save(torch.export.export(model, args), 'model.pt2')) or as TorchScript, which load "
+            "without running its code."
+        )
     loader = {"pt2": _load_exported_program, "torchscript": _load_torchscript, "pickle": _load_pickle}[kind]
     return eval_mode(loader(path, example))
 

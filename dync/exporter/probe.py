@@ -22,11 +22,9 @@ from dync.errors import CaptureError
 from dync.graph import source_line
 from dync.inputs import random_inputs
 from dync.package import TensorSpec
+from dync.runtime.backends.ort import ORT_ERRORS
 
 PROBE_BATCHES = (2, 3)
-ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-              ort.capi.onnxruntime_pybind11_state.RuntimeException)
-"""What onnxruntime raises when a graph cannot run on the inputs it is given."""
 
 
 @dataclass

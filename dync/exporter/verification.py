@@ -16,6 +16,7 @@ which finds a mistranslated op even at the example batch.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,6 +125,11 @@ def check_package(engine: Engine, model: torch.nn.Module, inputs: Sequence[Input
         checked=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         batches=[r.batch for r in results],
     )
+
+
+def bound_to_files(record: VerificationRecord, manifest: Manifest) -> VerificationRecord:
+    """The record with the SHA-256 of every program file it verified, as the manifest lists them."""
+    return dataclasses.replace(record, files={path: f.sha256 for path, f in manifest.files.items()})
 
 
 def disagreement(name: str, record: VerificationRecord) -> VerificationError:

@@ -124,7 +124,7 @@ class _Noisy(torch.nn.Module):
 def test_a_package_that_disagrees_with_eager_is_not_written(tmp_path: Path) -> None:
     out = tmp_path / "noisy.dync"
     with pytest.raises(VerificationError, match=r"disagrees with eager PyTorch .* batches \[4, 1, 3\]"):
-        dync.export(_Noisy().eval(), out, input_shape=(4, 6))
+        dync.export(_Noisy().eval(), out, input_shape=(4, 6), force=True)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -132,7 +132,7 @@ def test_a_failed_verification_keeps_the_earlier_package(tmp_path: Path) -> None
     out = dync.export(tiny_model(), tmp_path / "pkg.dync", input_shape=TINY_SHAPE)
     before = (out / "manifest.json").read_text()
     with pytest.raises(VerificationError):
-        dync.export(_Noisy().eval(), out, input_shape=(4, 6))
+        dync.export(_Noisy().eval(), out, input_shape=(4, 6), force=True)
     assert (out / "manifest.json").read_text() == before
 
 

@@ -16,7 +16,7 @@ import dync
 from dync.errors import ModelLoadError
 from dync.exporter.loading import load_model
 from dync.runtime.exit_rule import forcing_thresholds
-from tests.conftest import Exported
+from tests.conftest import Exported, invoke
 from tests.helpers import assert_close, eager_outputs
 from tests.models import TINY_SHAPE, TinyMultiExit, tiny_model
 from zoo import random_input
@@ -150,11 +150,6 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
     assert not (tmp_path / "out.dync").exists()
 
 
-def test_directory_is_not_a_model_file(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        load_model(tmp_path)
-
-
 def test_pickle_of_an_unimportable_class_says_to_fix_pythonpath(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
@@ -178,3 +173,42 @@ def test_loaded_pickle_is_in_eval_mode(tmp_path: Path) -> None:
     model = TinyMultiExit().train()
     torch.save(model, tmp_path / "training.pt")
     assert not load_model(tmp_path / "training.pt").training
+
+
+class _WritesAFileWhenUnpickled:
+    """What a hostile model file can do: unpickling calls `Path.touch` on a path of its choosing."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.target,))
+
+
+def test_a_pickle_is_refused_without_the_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DYNC_TRUST_PICKLE", raising=False)
+    marker = tmp_path / "pwned"
+    torch.save(_WritesAFileWhenUnpickled(marker), tmp_path / "hostile.pt")
+    result = invoke(["export", tmp_path / "hostile.pt", "-o", tmp_path / "h.dync", "--input-shape", "2x3"])
+    assert result.exit_code == 1 and "unpickling runs any code the file holds; pass --trust-pickle" in result.stderr
+    assert "torch.export.save" in result.stderr and not marker.exists()
+    with pytest.raises(ModelLoadError, match="pass --trust-pickle"):
+        load_model(tmp_path / "hostile.pt")
+    assert not marker.exists(), "nothing from the file ran"
+
+
+def test_trusted_pickles_and_programs_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DYNC_TRUST_PICKLE", raising=False)
+    model = tiny_model()
+    torch.save(model, tmp_path / "tiny.pt")
+    assert isinstance(load_model(tmp_path / "tiny.pt", trust_pickle=True), torch.nn.Module)
+    monkeypatch.setenv("DYNC_TRUST_PICKLE", "1")
+    assert isinstance(load_model(tmp_path / "tiny.pt"), torch.nn.Module)
+    monkeypatch.delenv("DYNC_TRUST_PICKLE")
+    torch.export.save(torch.export.export(model, (torch.randn(*TINY_SHAPE),)), tmp_path / "tiny.pt2")
+    assert isinstance(load_model(tmp_path / "tiny.pt2"), torch.nn.Module), "a .pt2 program needs no opt-in"
+
+
+def test_a_directory_is_not_a_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="is a directory; pass the model file"):
+        load_model(tmp_path)

@@ -22,8 +22,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from dync.errors import InputError
+from dync.errors import InputError, PackageError
 from dync.package import Manifest, StageSpec
+
+ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+              ort.capi.onnxruntime_pybind11_state.RuntimeException,
+              ort.capi.onnxruntime_pybind11_state.InvalidProtobuf)
+"""What onnxruntime raises when a graph cannot be loaded or run on the inputs it is given."""
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -72,9 +77,20 @@ class OrtSettings:
 
 
 def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings) -> ort.InferenceSession:
-    """A CPU session for a model (or its file) under `settings`, explicit options only (never ort's defaults)."""
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, settings.session_options(), providers=["CPUExecutionProvider"])
+    """A CPU session for a model (or its file) under `settings`, explicit options only (never ort's defaults).
+
+    A file is handed to onnxruntime as bytes, never as a path, so that a stage cannot make it read files
+    outside the package through external-data references; a file onnxruntime refuses is a PackageError."""
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else Path(model).read_bytes()
+    try:
+        return ort.InferenceSession(source, settings.session_options(), providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as exc:
+        if isinstance(model, onnx.ModelProto):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PackageError(f"onnxruntime cannot load {model} ({first}); the file is damaged or not what dync "
+                           "wrote (dync packages hold their weights inside the stage files): re-export the "
+                           "package.") from exc
 
 
 class StageSession:
@@ -96,7 +112,7 @@ class StageSession:
 
         self._settings = settings
         self._model = model
-        graph = onnx.load(model) if isinstance(model, Path) and plugins else model
+        graph = onnx.load(model, load_external_data=False) if isinstance(model, Path) and plugins else model
         has_plugins = isinstance(graph, onnx.ModelProto) and bool(custom_nodes(graph))
         self._dynamic = session_from_onnx(decompose_custom_nodes(graph) if has_plugins else model, settings)
         fast_path = has_plugins and has_fast_cpu_path(graph)
@@ -118,7 +134,7 @@ class StageSession:
             return self._dynamic
         from dync.plugins.splice import specialize_custom_nodes
 
-        graph = onnx.load(self._model) if isinstance(self._model, Path) else self._model
+        graph = onnx.load(self._model, load_external_data=False) if isinstance(self._model, Path) else self._model
         self._by_batch[batch] = session_from_onnx(_with_batch(specialize_custom_nodes(graph, batch), batch),
                                                   self._settings)
         return self._by_batch[batch]

@@ -6,6 +6,7 @@ Every user-facing failure is a `DyncError` and is printed as one line without a 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -19,7 +20,8 @@ from dync.errors import DyncError, InputError
 
 
 class _Group(click.Group):
-    """Turns DyncError into a one-line message and exit status 1."""
+    """Turns DyncError and bad option values into a one-line message and exit status 1; any other exception
+    too, with a hint to rerun with --debug, which lets it through with its traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -27,6 +29,23 @@ class _Group(click.Group):
         except DyncError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except click.UsageError as exc:  # a bad option value: one line too, naming the option
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(1)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"error: internal error ({type(exc).__name__}{': ' + first if first else ''}); rerun with "
+                       "dync --debug ... for the traceback, and report it.", err=True)
+            sys.exit(1)
+
+
+def _threads_bound() -> int:
+    """More threads than 4 per core only slow onnxruntime down and can stall the machine."""
+    return 4 * (os.cpu_count() or 1)
 
 
 def _progress(message: str) -> None:
@@ -62,14 +81,14 @@ def _session_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The onnxruntime session options `run`, `bench` and `profile` share, passed on to `dync.load`."""
     command = click.option("--fixed-batches", default=8, show_default=True,
                            help="Batch sizes per stage that get a fixed-shape onnxruntime session (0: none).")(command)
-    return click.option("--threads", default=0, show_default=True,
+    return click.option("--threads", default=0, show_default=True, type=click.IntRange(0, _threads_bound()),
                         help="onnxruntime intra-op threads (0: one per core).")(command)
 
 
 def _load_array(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path} is not a .npy array file ({exc}); save the batch with numpy.save.") from exc
 
 
@@ -94,8 +113,11 @@ def _parse_crossover(ctx: click.Context, param: click.Parameter, value: str) -> 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="dync")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """dync: deploy dynamic (multi-exit) neural networks with real per-sample early exit."""
+    ctx.obj = {"debug": debug}
 
 
 @main.command()
@@ -199,9 +221,12 @@ def run(package: Path, input_path: Path, thresholds: list[float] | None, output:
     different per-sample shapes: `exit`, and `exitK` with its mask `exitK_taken` per exit K)."""
     import dync
 
+    if not output.parent.is_dir():
+        raise InputError(f"the directory of -o {output} does not exist; create it or choose another path.")
     engine = dync.load(package, threads=threads, fixed_batches=fixed_batches)
     result = engine.run(_load_inputs(input_path), thresholds=thresholds)
-    np.savez(output, **result.arrays())
+    with open(output, "wb") as file:  # a file object: numpy would add .npz to a name without it
+        np.savez(file, **result.arrays())
     counts = np.bincount(result.exit, minlength=engine.num_exits).tolist()
     click.echo(f"wrote {output}: {len(result.exit)} samples, exit counts {counts}")
 
@@ -211,7 +236,8 @@ def run(package: Path, input_path: Path, thresholds: list[float] | None, output:
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="The model the package came from.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A .npy batch (or .npz by input name) to check with (default: random data).")
-@click.option("--batch", default=8, show_default=True, help="Batch size of the random check data.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(1),
+              help="Batch size of the random check data.")
 @click.option("--rtol", default=1e-4, show_default=True, help="Allowed error relative to the largest output.")
 @click.option("--atol", default=1e-5, show_default=True, help="Allowed absolute error.")
 @click.option("--trust-pickle", is_flag=True,
@@ -231,12 +257,14 @@ def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol
 
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
-@click.option("--batch", default=64, show_default=True, help="Batch size of random data (ignored with --input).")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(1),
+              help="Batch size of random data (ignored with --input).")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A .npy batch (or .npz by input name) to measure on (real data gives realistic exit shares).")
 @click.option("--thresholds", callback=_parse_floats,
               help="Exit thresholds (default: the package's, else an even split of the data over the exits).")
-@click.option("--repeats", default=15, show_default=True, help="Timed rounds; medians are reported.")
+@click.option("--repeats", default=15, show_default=True, type=click.IntRange(1),
+              help="Timed rounds; medians are reported.")
 @_session_options
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[float] | None, repeats: int,
@@ -274,6 +302,8 @@ def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: 
     from dync.calib.calibrate import BudgetRequest, calibrate_package, format_calibration
     from dync.inputs import batch_of
 
+    if plot_path is not None and not plot_path.parent.is_dir():
+        raise InputError(f"the directory of --plot {plot_path} does not exist; create it or choose another path.")
     engine = dync.load(package)
     labels = _load_array(labels_path) if labels_path else None
     request = BudgetRequest(metric=metric, budget=budget, budget_ms=budget_ms, batch_size=batch_size)
@@ -293,7 +323,8 @@ def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: 
 @click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
 @click.option("--batch-sizes", callback=_parse_sizes, default="1,2,4,8,16,32,64,128,256", show_default=True,
               help="Batch sizes to measure each stage at.")
-@click.option("--repeats", default=10, show_default=True, help="Timed rounds per batch size; medians are kept.")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(1),
+              help="Timed rounds per batch size; medians are kept.")
 @_session_options
 def profile(package: Path, backend: str, batch_sizes: list[int], repeats: int, threads: int,
             fixed_batches: int) -> None:

@@ -50,7 +50,7 @@ def load_inputs(path: Path) -> np.ndarray | dict[str, np.ndarray]:
     """A `.npy` array, or a `.npz` of arrays keyed by input name."""
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path} is neither a .npy array nor a .npz of arrays ({exc}); save the batch with "
                          "numpy.save, or several inputs with numpy.savez(path, name=array, ...).") from exc
     if isinstance(loaded, np.ndarray):

@@ -37,6 +37,8 @@ MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"
 STAGES_DIR = "stages"
 BATCH_DIM = "batch"
+TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+"""The dtypes a package's inputs and carried state may have."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,13 @@ def _check_program(manifest: Manifest, package_dir: Path) -> None:
     where = package_dir / MANIFEST_FILE
     if not manifest.stages:
         raise PackageError(f"{where} lists no stages; re-export the package.")
+    names = [stage.name for stage in manifest.stages]
+    if len(set(names)) != len(names):
+        raise PackageError(f"{where} names stages {names}, not each once; re-export the package.")
+    for spec in [*manifest.inputs, *manifest.state]:
+        if spec.dtype not in TENSOR_DTYPES:
+            raise PackageError(f"{where}: tensor '{spec.name}' has dtype {spec.dtype!r}, which is not one of "
+                               f"{', '.join(TENSOR_DTYPES)}; re-export the package.")
     available = {t.name for t in manifest.inputs}
     state_names = {t.name for t in manifest.state}
     for stage in manifest.stages:

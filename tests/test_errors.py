@@ -133,7 +133,7 @@ def test_cli_run_errors(cli_export: CliExport, tmp_path: Path) -> None:
     _assert_cli_error(invoke([*run, tmp_path / "ok.npy", "--thresholds", "nan,0.5"]), "NaN")
     _assert_cli_error(invoke([*run, tmp_path / "ok.npy", "--fixed-batches", "-1"]), "fixed_batches -1 must be >= 0")
     bad_number = invoke([*run, tmp_path / "ok.npy", "--thresholds", "high,low"])
-    assert bad_number.exit_code == 2 and "not a comma-separated list of numbers" in bad_number.output
+    assert bad_number.exit_code == 1 and "not a comma-separated list of numbers" in bad_number.stderr
     assert "Traceback" not in bad_number.output
     assert not out.exists()
 
@@ -241,9 +241,9 @@ def test_bad_input_shape_argument(tmp_path: Path, shape: tuple[int, ...]) -> Non
 def test_cli_bad_input_shape_and_exits(cli_export: CliExport, tmp_path: Path) -> None:
     out = tmp_path / "out.dync"
     result = invoke(["export", cli_export.model_path, "-o", out, "--input-shape", "4by3"])
-    assert result.exit_code == 2 and "is not a shape like 16x3x32x32" in result.output
+    assert result.exit_code == 1 and "is not a shape like 16x3x32x32" in result.stderr
     result = invoke(["export", cli_export.model_path, "-o", out, "--exits", "first"])
-    assert result.exit_code == 2 and "comma-separated list of exit indices" in result.output
+    assert result.exit_code == 1 and "comma-separated list of exit indices" in result.stderr
     _assert_cli_error(invoke(["export", cli_export.model_path, "-o", out, "--input-shape", "0x3x16x16"]),
                       "must be a batch followed by")
     _assert_cli_error(invoke(["export", cli_export.model_path, "-o", out, "--exits", "0,7"]), "--exits [0, 7]")

@@ -7,6 +7,7 @@ that (the q search, accuracy, predicted cost) is simulated from those logits, so
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from dync.records import CalibrationRecord
 from dync.runtime.engine import Engine
 
 METRICS = ("flops", "latency")
+MIN_SAMPLES = 2
+"""Fewer leave no share to put at any exit but one."""
 PASS_BATCH = 256
 
 
@@ -39,10 +42,10 @@ class BudgetRequest:
             raise InputError("give exactly one of --budget (fraction of the full model) and --budget-ms.")
         if self.budget_ms is not None and self.metric != "latency":
             raise InputError("--budget-ms is a latency budget; add --metric latency.")
-        if self.budget is not None and not self.budget > 0:
+        if self.budget is not None and not 0 < self.budget < math.inf:
             raise InputError(f"budget {self.budget} must be a positive fraction of the full model, e.g. 0.5.")
-        if self.budget_ms is not None and not self.budget_ms > 0:
-            raise InputError(f"--budget-ms {self.budget_ms} must be positive.")
+        if self.budget_ms is not None and not 0 < self.budget_ms < math.inf:
+            raise InputError(f"--budget-ms {self.budget_ms} must be a positive number of milliseconds.")
         if self.batch_size < 1:
             raise InputError(f"batch size {self.batch_size} must be at least 1.")
 
@@ -95,6 +98,9 @@ def calibrate_package(
     request.check()
     feeds = engine.input_feeds(data)
     engine.check_feeds(feeds)
+    if batch_of(feeds) < MIN_SAMPLES:
+        raise InputError(f"calibration needs at least {MIN_SAMPLES} samples to set thresholds from, got "
+                         f"{batch_of(feeds)}; give a validation set.")
     outputs = exit_outputs(engine, feeds)
     check_labels(labels, batch_of(feeds), outputs[0].shape[-1])
     if request.metric == "flops":

@@ -80,7 +80,22 @@ class Engine:
         self.check_feeds(feeds)
         if thresholds is None:
             thresholds = self.manifest.thresholds
-        return self.execute(feeds, resolve_thresholds(thresholds, self.num_exits))
+        result = self.execute(feeds, resolve_thresholds(thresholds, self.num_exits))
+        self._check_finite(result)
+        return result
+
+    def _check_finite(self, result: RunResult) -> None:
+        """Finite inputs can still overflow float32 inside a model; such a run fails instead of returning NaN."""
+        for k in range(self.num_exits):
+            out = result.output(k)
+            if out.dtype.kind == "f" and out.size and not np.isfinite(out).all():
+                bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+                sample = int(np.nonzero(result.exit == k)[0][np.argmax(bad)])
+                raise InputError(
+                    f"package '{self.manifest.name}' computed non-finite values at exit {k} for sample {sample} "
+                    "from finite inputs (they overflow float32 inside the model); scale the inputs as the model "
+                    "expects them."
+                )
 
     def execute(
         self, x: Inputs, thresholds: np.ndarray, observe: Callable[[int, dict[str, np.ndarray]], None] | None = None
@@ -185,8 +200,10 @@ def _check_array(package: str, spec: TensorSpec, x: Any, named: bool) -> None:
             f"{what} has shape {list(x.shape)} but package '{package}' expects "
             f"[batch, {', '.join(map(str, expected))}] with batch >= 1; reshape the data to match."
         )
-    if x.dtype.kind != "f" or np.isfinite(x.sum()):  # NaN/inf propagate into the sum; an overflow only means
-        return                                      # the full check below
+    with np.errstate(over="ignore"):  # NaN/inf propagate into the sum; an overflow only means the full check below
+        finite_sum = x.dtype.kind != "f" or np.isfinite(x.sum())
+    if finite_sum:
+        return
     bad = ~np.isfinite(x)
     if bad.any():
         samples = np.unique(np.nonzero(bad.reshape(x.shape[0], -1))[0])

@@ -270,7 +270,7 @@ def test_export_onto_a_file(cli_export: CliExport, tmp_path: Path) -> None:
     target = tmp_path / "notes.txt"
     target.write_text("keep me")
     result = invoke(["export", cli_export.model_path, "-o", target, "--input-shape", TINY_SHAPE_ARG])
-    _assert_cli_error(result, str(target), "is not a dync package")
+    _assert_cli_error(result, str(target), "is a file, not a package directory")
     assert target.read_text() == "keep me"
 
 

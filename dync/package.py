@@ -255,6 +255,13 @@ def _check_program(manifest: Manifest, package_dir: Path) -> None:
         if spec.dtype not in TENSOR_DTYPES:
             raise PackageError(f"{where}: tensor '{spec.name}' has dtype {spec.dtype!r}, which is not one of "
                                f"{', '.join(TENSOR_DTYPES)}; re-export the package.")
+        _check_shape(spec.shape, f"tensor '{spec.name}'", where)
+        if spec.value_range is not None and len(spec.value_range) != 2:
+            raise PackageError(f"{where}: input '{spec.name}' has a value range {spec.value_range}, not [min, max]; "
+                               "re-export the package.")
+    for stage in manifest.stages:
+        if stage.exit.shape is not None:
+            _check_shape(stage.exit.shape, f"the exit of stage '{stage.name}'", where)
     available = {t.name for t in manifest.inputs}
     state_names = {t.name for t in manifest.state}
     for stage in manifest.stages:
@@ -275,6 +282,13 @@ def _check_program(manifest: Manifest, package_dir: Path) -> None:
         if not 0 <= stage.exit.macs <= stage.exit.cumulative_macs:
             raise PackageError(f"{where}: stage '{stage.name}' has inconsistent MAC counts; re-export the package.")
     _check_files(manifest, package_dir)
+
+
+def _check_shape(shape: list[int | str], what: str, where: Path) -> None:
+    """A batch first, then per-sample sizes: non-negative integers."""
+    if not shape or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape[1:]):
+        raise PackageError(f"{where}: {what} has shape {shape}, not a batch followed by sizes; re-export the "
+                           "package.")
 
 
 def _check_inside(package_dir: Path, path: str, what: str) -> None:

@@ -119,6 +119,18 @@ class StageSession:
         self._fixed_batch = settings.fixed_batches > 0 and (sees_request_batch or fast_path)
         self._by_batch: dict[int, ort.InferenceSession] = {}
 
+    def check_interface(self, stage: StageSpec) -> None:
+        """The stage graph reads and writes what the manifest says it does (a hand-edited manifest may not)."""
+        inputs = {i.name for i in self._dynamic.get_inputs()}
+        outputs = {o.name for o in self._dynamic.get_outputs()}
+        wanted_out = {stage.exit.output, *stage.writes}
+        if set(stage.reads) != inputs or not wanted_out <= outputs:
+            raise PackageError(
+                f"stage '{stage.name}' ({stage.onnx}) reads {sorted(inputs)} and writes {sorted(outputs)}, but the "
+                f"manifest says it reads {sorted(stage.reads)} and writes {sorted(wanted_out)}; re-export the "
+                "package."
+            )
+
     @property
     def fixed_batch_sizes(self) -> list[int]:
         """The batch sizes this stage has a fixed-shape session for so far."""
@@ -169,6 +181,8 @@ class OrtBackend:
         self._sessions = {stage.name: StageSession(self._package_dir / stage.onnx, self.settings,
                                                    sees_request_batch=k == 0, plugins=bool(manifest.custom_ops))
                           for k, stage in enumerate(manifest.stages)}
+        for stage in manifest.stages:
+            self._sessions[stage.name].check_interface(stage)
         self._outputs = {s.name: [s.exit.output, *[w for w in s.writes if w != s.exit.output]] for s in manifest.stages}
 
     def run(self, stage: StageSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -70,3 +70,7 @@ class TokenLoweringWarning(SpatialLoweringWarning):
 class PassUndoneWarning(UserWarning):
     """An exporter pass changed a stage's outputs, so export took its rewrite of that stage back; the message
     names the pass, the stage and the error."""
+
+
+class ExitOrderWarning(UserWarning):
+    """The exits look out of compute order: an earlier one alone costs more than a later one."""

@@ -12,13 +12,15 @@ Invariants this pass keeps (and tests check):
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from dync.errors import PartitionError
+from dync.errors import ExitOrderWarning, PartitionError
 from dync.exporter.macs import node_macs
 from dync.exporter.probe import Probe
 from dync.graph import import_graph, producer
@@ -47,6 +49,7 @@ def partition(
     _name_nodes(graph)
     _check_compute_order(graph, exit_names, list(labels) if labels is not None else list(range(len(exit_names))))
     owner = _assign_owners(graph, exit_names)
+    _warn_if_costlier_first(graph, exit_names, probe, labels if labels is not None else range(len(exit_names)))
     members = [_stage_members(graph, owner, k, probe) for k in range(len(exit_names))]
     reads = [stage_reads for _, stage_reads in members]
     stages = []
@@ -86,6 +89,30 @@ def _check_compute_order(graph: gs.Graph, exit_names: list[str], labels: list[in
             f"exits {labels} are not in compute order: the forward computes them in the order {suggested}; "
             f"list exits in compute order with --exits {suggested}."
         )
+
+
+def _warn_if_costlier_first(graph: gs.Graph, exit_names: list[str], probe: Probe, labels: Sequence[int]) -> None:
+    """An exit that alone costs more than a later one is most likely listed out of order (a forward returning
+    the final logits first): the early exit would then pay for nearly the whole model. A warning, since a
+    model may mean it."""
+    tensors = graph.tensors()
+    alone = []
+    for name in exit_names:
+        seen: dict[str, gs.Node] = {}
+        stack = [producer(tensors[name])]
+        while stack:
+            node = stack.pop()
+            if node is not None and node.name not in seen:
+                seen[node.name] = node
+                stack.extend(producer(t) for t in _node_inputs(node))
+        alone.append(sum(node_macs(n, probe) for n in seen.values()))
+    order = sorted(range(len(alone)), key=alone.__getitem__)
+    if any(a > b for a, b in itertools.pairwise(alone)):
+        costs = ", ".join(f"exit {label}: {macs / 1e6:.3g}" for label, macs in zip(labels, alone, strict=True))
+        cheapest_first = ",".join(str(labels[k]) for k in order)
+        warnings.warn(f"exits are listed with a costlier one before a cheaper one (MMACs alone: {costs}), so an "
+                      "early exit would pay for most of the model; if the forward returns the final output first, "
+                      f"list the exits cheapest first with --exits {cheapest_first}.", ExitOrderWarning, stacklevel=3)
 
 
 def _name_nodes(graph: gs.Graph) -> None:

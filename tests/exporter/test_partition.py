@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dync
-from dync.errors import PartitionError
+from dync.errors import ExitOrderWarning, PartitionError
 from dync.exporter.partition import partition
 from dync.runtime.exit_rule import forcing_thresholds
 from dync.runtime.static import merged_static_model
@@ -165,3 +165,20 @@ def test_partition_is_deterministic(exports: ExportCache) -> None:
     assert [s.owned for s in stages] == [s.owned for s in msdnet.stages]
     assert [s.reads for s in stages] == [s.reads for s in msdnet.stages]
     assert [s.writes for s in stages] == [s.writes for s in msdnet.stages]
+
+
+class _FinalFirst(torch.nn.Module):
+    """Returns the final logits before the early ones, as some forwards do: [final, early]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+        self.early, self.final = torch.nn.Linear(6, 3), torch.nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.final(self.trunk(x)), self.early(x)]
+
+
+def test_a_costlier_exit_listed_first_is_warned_about(tmp_path: Path) -> None:
+    with pytest.warns(ExitOrderWarning, match=r"list the exits cheapest first with --exits 1,0"):
+        dync.export(_FinalFirst().eval(), tmp_path / "final_first.dync", input_shape=(2, 6), verify=False)

@@ -42,7 +42,7 @@ def _data(tmp_path: Path) -> Path:
 
 def test_a_killed_calibrate_leaves_the_package_before_or_after(cli_export: CliExport, tmp_path: Path) -> None:
     data = _data(tmp_path)
-    for delay in (0.5, 1.0, 1.5, 2.5):
+    for delay in (0.7, 1.4, 2.4):
         package = copy_package(cli_export.package, tmp_path / f"tiny{delay}.dync")
         _killed_after(_dync("calibrate", package, "--data", data, "--budget", "0.6"), delay)
         thresholds = load_manifest(package).thresholds
@@ -52,10 +52,11 @@ def test_a_killed_calibrate_leaves_the_package_before_or_after(cli_export: CliEx
 def test_a_killed_export_leaves_the_old_package_or_the_new(cli_export: CliExport, tmp_path: Path) -> None:
     package = copy_package(cli_export.package, tmp_path / "tiny.dync")
     shape = "x".join(map(str, TINY_SHAPE))
-    for delay in (2.0, 4.0, 6.0):
+    delays = (2.5, 5.0)
+    for delay in delays:
         _killed_after(_dync("export", cli_export.model_path, "-o", package, "--input-shape", shape, "--force",
                             "--name", f"after{delay}"), delay)
-        assert load_manifest(package).name in ("tiny", *(f"after{d}" for d in (2.0, 4.0, 6.0)))
+        assert load_manifest(package).name in ("tiny", *(f"after{d}" for d in delays))
         for stray in tmp_path.glob(".tiny.dync.*"):  # a killed export's unfinished copy, never the package
             shutil.rmtree(stray)
 
@@ -64,7 +65,7 @@ def test_readers_during_calibrate_never_fail(cli_export: CliExport, tmp_path: Pa
     package = copy_package(cli_export.package, tmp_path / "tiny.dync")
     data = _data(tmp_path)
     loads = 0
-    for _ in range(3):
+    for _ in range(2):
         calibrate = _dync("calibrate", package, "--data", data, "--budget", "0.6")
         while calibrate.poll() is None:
             load_manifest(package)

@@ -51,7 +51,9 @@ def load_inputs(path: Path) -> np.ndarray | dict[str, np.ndarray]:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise InputError(f"{path} is neither a .npy array nor a .npz of arrays ({exc}); save the batch with "
+        why = "it is empty" if isinstance(exc, EOFError) else (
+            "numpy reads it as pickled objects, which dync never loads" if "allow_pickle" in str(exc) else str(exc))
+        raise InputError(f"{path} is neither a .npy array nor a .npz of arrays ({why}); save the batch with "
                          "numpy.save, or several inputs with numpy.savez(path, name=array, ...).") from exc
     if isinstance(loaded, np.ndarray):
         return loaded

@@ -354,13 +354,16 @@ def _interned_filenames() -> dict[int, str]:
 
 @contextlib.contextmanager
 def quiet_torch_onnx():
-    """torch.onnx and torch.export print progress and warnings of their own; dync reports its own steps."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export")]
+    """torch.onnx and torch.export print progress, warnings and graph dumps of their own (to stdout, stderr and
+    their loggers); dync reports its own steps, and a failure as one line."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "torch._dynamo",
+                                                    "torch.fx.experimental.symbolic_shapes")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
+              contextlib.redirect_stderr(io.StringIO())):
             warnings.simplefilter("ignore")
             yield
     finally:

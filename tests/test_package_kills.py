@@ -1,5 +1,6 @@
-"""Commands killed at arbitrary moments leave a package that loads, as it was before or as it is after; a
-reader loading a package while `calibrate` rewrites it never fails."""
+"""Commands killed at arbitrary moments (calibrate, verify, export onto an existing package) leave a package
+that loads, as it was before or as it is after; a reader loading a package while `calibrate` rewrites it
+never fails."""
 
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ def test_a_killed_calibrate_leaves_the_package_before_or_after(cli_export: CliEx
         _killed_after(_dync("calibrate", package, "--data", data, "--budget", "0.6"), delay)
         thresholds = load_manifest(package).thresholds
         assert thresholds is None or len(thresholds) == 2
+
+
+def test_a_killed_verify_leaves_the_package_loading(cli_export: CliExport, tmp_path: Path) -> None:
+    for delay in (1.5, 3.0):
+        package = copy_package(cli_export.package, tmp_path / f"tiny{delay}.dync")
+        _killed_after(_dync("verify", package, "--model", cli_export.model_path, "--trust-pickle"), delay)
+        assert load_manifest(package).verification is not None
 
 
 def test_a_killed_export_leaves_the_old_package_or_the_new(cli_export: CliExport, tmp_path: Path) -> None:

@@ -158,6 +158,9 @@ def export(
             manifest.verification = bound_to_files(_verified(staged, model, captured, inputs, progress=report),
                                                    manifest)
             write_manifest(staged, manifest)
+        if _is_package(output):
+            report(f"replacing the package at {output} (--force); its calibration, verification record and calib/ "
+                   "profiles are not carried over")
         _replace(output, staged)
     finally:
         shutil.rmtree(staged, ignore_errors=True)

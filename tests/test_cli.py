@@ -18,7 +18,7 @@ from onnx import numpy_helper
 import dync
 from dync.runtime.exit_rule import max_softmax
 from tests.conftest import CliExport, invoke
-from tests.helpers import copy_package, eager_outputs, expected_exits, spread_thresholds
+from tests.helpers import copy_package, eager_outputs, expected_exits, rehash, spread_thresholds
 from tests.models import TINY_SHAPE, tiny_model
 from zoo import random_input
 
@@ -149,6 +149,8 @@ def _scale_largest_weight(stage_file: Path, factor: float) -> None:
 def test_verify_fails_on_corrupted_weights(cli_export: CliExport, tmp_path: Path) -> None:
     package = copy_package(cli_export.package, tmp_path / "corrupt.dync")
     _scale_largest_weight(package / "stages" / "stage1.onnx", 1.5)
+    assert "changed after it was written" in invoke(["verify", package, "--model", cli_export.model_path]).stderr
+    rehash(package)  # weights edited together with the file list: verification is what catches it then
     result = invoke(["verify", package, "--model", cli_export.model_path])
     _assert_clean_failure(result, "disagrees with eager PyTorch", "exit 1")
     record = dync.load(package).manifest.verification

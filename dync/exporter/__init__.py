@@ -250,8 +250,9 @@ def _run_passes(stages: list[Stage], context: PassContext, skipped: Collection[s
 def _checked_run(each: Pass, stage: Stage, k: int, context: PassContext,
                  check: StageCheck | None) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """`each` on the stage; when its rewrite changes the stage's outputs, the candidates whose rewrite alone does
-    so are found, left as they are (a warning names each) and the pass runs again without them. If the
-    outputs still differ (candidates that are wrong only together), the whole rewrite of the stage is undone."""
+    so are found, left as they are (a warning names each) and the pass runs again without them, quietly (its
+    first run reported the rest). If the outputs still differ (candidates that are wrong only together), the
+    whole rewrite of the stage is undone."""
     rewritten, found = each.run(stage.model, context)
     problem = None if check is None or rewritten is stage.model else check.compare(k, rewritten)
     if problem is None:
@@ -263,7 +264,7 @@ def _checked_run(each: Pass, stage: Stage, k: int, context: PassContext,
         warnings.warn(f"pass {each.name} changed the outputs of {stage.name} at {node} ({why}); that rewrite is "
                       "undone, the node stays as it was.", PassUndoneWarning, stacklevel=2)
     context.skip.setdefault(each.name, set()).update(culprits)
-    rewritten, kept = each.run(stage.model, context)
+    rewritten, kept = each.run(stage.model, dataclasses.replace(context, progress=lambda message: None))
     undone = [r.undone(f"undone: the rewritten stage {culprits[r.node]}") for r in found if r.node in culprits]
     if culprits and check.compare(k, rewritten) is None:
         return rewritten, [*kept, *undone]

@@ -70,6 +70,7 @@ class _OneGoodOneBad:
         if relu.name not in context.skipped(self.name):
             relu.op, relu.inputs = "Max", [relu.inputs[0], gs.Constant("zero", np.array(0.0, np.float32))]
             records.append(SpatialRecord(relu.name, True, "lowered (portable)"))
+            context.progress(f"rewrote {relu.name}")
         if producer.name not in context.skipped(self.name):
             scaled = gs.Variable("scaled", dtype=graph.outputs[0].dtype, shape=graph.outputs[0].shape)
             output, producer.outputs[0] = producer.outputs[0], scaled
@@ -85,8 +86,11 @@ class _OneGoodOneBad:
 def test_only_the_rewrite_that_changes_the_outputs_is_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dync.exporter, "PASSES", (_OneGoodOneBad(),))
     model = tiny_model()
+    messages: list[str] = []
     with pytest.warns(PassUndoneWarning, match=r"pass spatial changed the outputs of stage0 at \S+ \(output 'exit0'"):
-        package = dync.export(model, tmp_path / "tiny.dync", input_shape=TINY_SHAPE)
+        package = dync.export(model, tmp_path / "tiny.dync", input_shape=TINY_SHAPE, progress=messages.append)
+    rewrites = [m for m in messages if m.startswith("rewrote ")]
+    assert len(rewrites) == len(set(rewrites)) == 3, "each stage's kept rewrite is reported once"
     manifest = dync.load(package).manifest
     assert [r.lowered for r in manifest.records("spatial")] == [True, False] * 3
     assert all(r.reason.startswith("undone: ") for r in manifest.records("spatial") if not r.lowered)

@@ -221,13 +221,15 @@ def _any_batch_graph(wrapped: torch.nn.Module, captured: torch.onnx.ONNXProgram,
         traced = _onnx_program(wrapped, tensors, example.names, exit_names, "bytecode")
     except CaptureError:
         traced = None
-    if traced is not None and not _fixed_batch(traced.model_proto) and _exits_follow_batch(
-            repair_translation_defects(traced.model_proto)[0], example):
+    traced_graph = traced.model_proto if traced is not None else None  # each read serializes the program
+    if traced_graph is not None and not _fixed_batch(traced_graph) and _exits_follow_batch(
+            repair_translation_defects(traced_graph)[0], example):
         record = BatchFixRecord(site=located, method="bytecode", captures=[example.batch], constants=[])
-        return traced.model_proto, traced.exported_program, record
+        return traced_graph, traced.exported_program, record
     b1 = example.batch
-    first = captured if _fixed_batch(captured.model_proto) else _onnx_program(wrapped, tensors, example.names,
-                                                                              exit_names, "static")
+    captured_graph = captured.model_proto
+    first = captured if _fixed_batch(captured_graph) else _onnx_program(wrapped, tensors, example.names,
+                                                                        exit_names, "static")
     grown = tuple(torch.cat([t, t[:1]]) for t in tensors)
     second = _onnx_program(wrapped, grown, example.names, exit_names, "static")
     graph, constants = symbolic_batch(first.model_proto, b1, second.model_proto, b1 + 1, site)

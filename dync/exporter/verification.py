@@ -227,28 +227,51 @@ def _eager_values(program: torch.export.ExportedProgram, inputs: list[torch.Tens
 
 
 def _value_mismatch(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float) -> str | None:
-    if got.shape != expected.shape:
-        return f"has shape {list(got.shape)} where eager PyTorch's has {list(expected.shape)}"
-    if expected.dtype.kind not in "fc":
-        return None if np.array_equal(expected, got.astype(expected.dtype)) else "holds other values than eager's"
-    error = _max_abs(got, expected)
-    scale = float(np.abs(expected).max()) if expected.size else 0.0
-    if not error <= atol + rtol * scale:
-        return f"is off by {error:.3g} from eager PyTorch's (allowed {atol + rtol * scale:.3g})"
-    return None
+    off = _off(expected, got, rtol, atol)
+    if off is None:
+        return None
+    if off.shape is not None:
+        return f"has shape {off.shape} where eager PyTorch's has {list(expected.shape)}"
+    if off.error is None:
+        return "holds other values than eager's"
+    return f"is off by {off.error:.3g} from eager PyTorch's (allowed {off.allowed:.3g})"
 
 
 def _mismatch(expected: np.ndarray, got: np.ndarray, n: int, rtol: float, atol: float) -> str | None:
-    if got.shape != expected.shape:
-        return (f"has shape {list(got.shape)} on {n} sample(s) where the batch's first {n} have "
+    off = _off(expected, got, rtol, atol)
+    if off is None:
+        return None
+    if off.shape is not None:
+        return (f"has shape {off.shape} on {n} sample(s) where the batch's first {n} have "
                 f"{list(expected.shape)}, so the graph fixed the batch size")
+    if off.error is None:
+        return "holds other values on fewer samples"
+    return f"differs by {off.error:.3g} on {n} sample(s) from the batch's first {n}, so samples interact there"
+
+
+@dataclass(frozen=True)
+class _Off:
+    """How a tensor misses its reference: another shape, other values of a non-float tensor (no `error`), or
+    a float error above what the tolerances allow."""
+
+    shape: list[int] | None = None
+    error: float | None = None
+    allowed: float = 0.0
+
+
+def _off(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float) -> _Off | None:
+    """None when `got` matches `expected`: the same shape, and equal values, or float values within
+    `atol + rtol * max |expected|` (a NaN error never is)."""
+    if got.shape != expected.shape:
+        return _Off(shape=list(got.shape))
     if expected.dtype.kind not in "fc":
-        return None if np.array_equal(expected, got) else "holds other values on fewer samples"
-    error = _max_abs(got, expected)
-    scale = float(np.abs(expected).max()) if expected.size else 0.0
-    if error > atol + rtol * scale:
-        return f"differs by {error:.3g} on {n} sample(s) from the batch's first {n}, so samples interact there"
-    return None
+        return None if np.array_equal(expected, got.astype(expected.dtype)) else _Off()
+    error, allowed = _max_abs(got, expected), _allowed(expected, rtol, atol)
+    return None if error <= allowed else _Off(error=error, allowed=allowed)
+
+
+def _allowed(reference: np.ndarray, rtol: float, atol: float) -> float:
+    return atol + rtol * (float(np.abs(reference).max()) if reference.size else 0.0)
 
 
 def _all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -294,10 +317,12 @@ class StageCheck:
         """None when `rewritten` computes stage k's original outputs on its feeds, else what differs."""
         expected, got = self.outputs[k], _run(rewritten, self.feeds[k])
         for name, value in expected.items():
-            error = _max_abs(got[name], value) if got[name].shape == value.shape else float("inf")
-            allowed = self.atol + self.rtol * (float(np.abs(value).max()) if value.size else 0.0)
-            if not error <= allowed:
-                return f"output '{name}' is off by {error:.3g}, allowed {allowed:.3g}"
+            off = _off(value, got[name], self.rtol, self.atol)
+            if off is not None and off.shape is not None:
+                return f"output '{name}' has shape {off.shape}, not {list(value.shape)}"
+            if off is not None:
+                error = "other values" if off.error is None else f"{off.error:.3g}"
+                return f"output '{name}' is off by {error}, allowed {off.allowed:.3g}"
         return None
 
 

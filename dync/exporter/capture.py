@@ -299,12 +299,7 @@ def _explain_capture_failure(exc: Exception, retrace: Callable[[], torch.export.
 def _innermost_cause(exc: BaseException) -> str:
     """The first line of the deepest exception in the chain (torch.onnx wraps the real cause in several
     layers), without terminal colour codes."""
-    causes = []
-    current: BaseException | None = exc
-    while current is not None and current not in causes:
-        causes.append(current)
-        current = current.__cause__ or current.__context__
-    for cause in reversed(causes):
+    for cause in reversed(_exception_chain(exc)):
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
         if text:
             return f"{type(cause).__name__}: {text.splitlines()[0]}"
@@ -324,15 +319,18 @@ def _program_line(retrace: Callable[[], torch.export.ExportedProgram], name: str
     return f" at {found.group(1)}:{found.group(2)}" if found else ""
 
 
-def _exception_chain_text(exc: BaseException) -> str:
-    parts = []
-    seen: set[int] = set()
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it, outermost first (each exception once)."""
+    chain: list[BaseException] = []
     current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        parts.append(f"{type(current).__name__}: {current}")
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
         current = current.__cause__ or current.__context__
-    return "\n".join(parts)
+    return chain
+
+
+def _exception_chain_text(exc: BaseException) -> str:
+    return "\n".join(f"{type(e).__name__}: {e}" for e in _exception_chain(exc))
 
 
 def _user_frame(text: str) -> str:

@@ -109,13 +109,14 @@ def export(
     output = Path(output)
     _check_output(output, force)
     arrays = _checked_inputs(input_shape, example)
+    shape = None if arrays else _checked_shape(input_shape)
     skipped = _checked_passes(skip_passes, lower_spatial)
     exit_criterion = parse_criterion(criterion)
     if ops not in FORMS:
         raise InputError(f"--ops {ops!r} is unknown; use one of {', '.join(FORMS)}.")
     if spatial_crossover is not None:
         check_crossover(spatial_crossover)
-    inputs = Example(arrays) if arrays else random_example(_checked_shape(input_shape))
+    inputs = Example(arrays) if arrays else random_example(shape)
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
         report(f"loading {source}")
@@ -140,7 +141,6 @@ def export(
     check = StageCheck.on_inputs(stages, random_inputs(specs, 3, seed=1)) if verify else None
     records = _run_passes(stages, context, skipped, check)
     package_name = name or output.name.removesuffix(".dync")
-    shape = None if arrays else _checked_shape(input_shape)
     manifest = _manifest(package_name, specs, stages, probe, _provenance(source, shape, inputs, stages[0].model))
     manifest.output_selection = captured.output_paths
     manifest.batch_fix = captured.batch_fix

@@ -85,11 +85,17 @@ class Engine:
         return result
 
     def _check_finite(self, result: RunResult) -> None:
-        """Finite inputs can still overflow float32 inside a model; such a run fails instead of returning NaN."""
+        """Finite inputs can still overflow float32 inside a model; such a run fails instead of returning NaN.
+        One pass over the outputs; the exit and sample are looked up only when something is not finite."""
+        arrays = [result.merged] if result.merged is not None else result.per_exit
+        if all(a.dtype.kind != "f" or np.isfinite(a).all() for a in arrays):
+            return
         for k in range(self.num_exits):
             out = result.output(k)
-            if out.dtype.kind == "f" and out.size and not np.isfinite(out).all():
-                bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+            if out.dtype.kind != "f" or not out.size:
+                continue
+            bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+            if bad.any():
                 sample = int(np.nonzero(result.exit == k)[0][np.argmax(bad)])
                 raise InputError(
                     f"package '{self.manifest.name}' computed non-finite values at exit {k} for sample {sample} "

@@ -145,12 +145,18 @@ class Manifest:
 
 
 def write_manifest(package_dir: Path, manifest: Manifest) -> None:
-    """Replace the package's manifest atomically (see `write_atomically`), one writer at a time; a failed write
-    leaves the package as it was."""
-    path = Path(package_dir) / MANIFEST_FILE
+    """Replace the package's manifest (see `write_package_file`)."""
+    write_package_file(package_dir, MANIFEST_FILE, json.dumps(manifest.to_json(), indent=2) + "\n")
+
+
+def write_package_file(package_dir: Path, relative: str, text: str) -> Path:
+    """Replace a file of the package atomically (see `write_atomically`), one writer at a time; a failed write
+    is one PackageError and leaves the package as it was."""
+    path = Path(package_dir) / relative
     try:
         with package_lock(package_dir):
-            write_atomically(path, json.dumps(manifest.to_json(), indent=2) + "\n")
+            write_atomically(path, text)
+        return path
     except OSError as exc:
         raise PackageError(f"could not write {path} ({exc.strerror or exc}); the package is as it was: fix that "
                            "and run the command again.") from exc

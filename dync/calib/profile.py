@@ -31,7 +31,7 @@ import numpy as np
 
 from dync.errors import InputError, PackageError, ProfileError
 from dync.inputs import Inputs
-from dync.package import file_record, load_manifest, package_lock, write_atomically, write_manifest
+from dync.package import file_record, load_manifest, write_manifest, write_package_file
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds
 from dync.timing import median_times
@@ -314,8 +314,8 @@ def save_profile(package_dir: str | Path, profile: LatencyProfile) -> Path:
         raise PackageError(f"{package_dir} is not a dync package directory; create one with `dync export`.")
     path = profile_path(package_dir, profile.backend)
     path.parent.mkdir(exist_ok=True)
-    with package_lock(package_dir):
-        write_atomically(path, json.dumps(profile.to_json(), indent=2) + "\n")
+    write_package_file(package_dir, path.relative_to(package_dir).as_posix(),
+                       json.dumps(profile.to_json(), indent=2) + "\n")
     manifest = load_manifest(package_dir)
     manifest.files[path.relative_to(package_dir).as_posix()] = file_record(path)
     write_manifest(package_dir, manifest)

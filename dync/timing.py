@@ -1,14 +1,19 @@
-"""Side-by-side timing: variants measured in interleaved rounds, medians after warm-up; and the sessions that
-candidates timed as ONNX models run in.
+"""Side-by-side timing: variants measured in alternating blocks of calls, medians after warm-up; and the
+sessions that candidates timed as ONNX models run in.
 
-Interleaving makes slow drift of a shared, noisy machine hit every variant alike, so the ratios between
-variants stay meaningful even when absolute times do not. Candidates (an exporter pass's two forms of a
-block, a benchmark's plain export) are timed under dync's session settings, so that what decides or is
-compared is what a package runs with.
+Each round runs every variant in turn for one block: an untimed call first, then the timed calls. The untimed
+call absorbs what the variant before left behind: onnxruntime thread pools still spin-waiting after their
+last run take the cores from whatever runs next, so timing two sessions call by call in alternation charges
+each with the other's spinning (it made dync look up to 30% slower than a plain session). Alternating blocks
+keep the slow drift of a shared, noisy machine hitting every variant alike, so the ratios between variants
+stay meaningful even when absolute times do not. Candidates (an exporter pass's two forms of a block, a
+benchmark's plain export) are timed under dync's session settings, so that what decides or is compared is
+what a package runs with.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,24 +25,30 @@ import onnxruntime as ort
 from dync.errors import InputError
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 
+BLOCK = 5
+"""Timed calls per block."""
+
 
 def median_times(
     variants: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2
 ) -> dict[str, float]:
-    """Median seconds per call of each variant, measured round-robin."""
+    """Median seconds per call of each variant over `repeats` timed calls, in alternating blocks of `BLOCK`
+    (the last block shorter), each opened by an untimed call, after `warmup` untimed calls of each."""
     if repeats < 1:
-        raise InputError(f"repeats {repeats} must be at least 1 (the number of timed rounds); ask for 1 or more.")
+        raise InputError(f"repeats {repeats} must be at least 1 (the number of timed calls); ask for 1 or more.")
     if warmup < 0:
-        raise InputError(f"warmup {warmup} must be at least 0 (the number of untimed rounds); ask for 0 or more.")
+        raise InputError(f"warmup {warmup} must be at least 0 (the number of untimed calls); ask for 0 or more.")
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
+    for block in range(math.ceil(repeats / BLOCK)):
         for name, fn in variants.items():
-            start = time.perf_counter()
             fn()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(min(BLOCK, repeats - block * BLOCK)):
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
     return {name: float(np.median(times)) for name, times in samples.items()}
 
 

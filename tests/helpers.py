@@ -211,6 +211,10 @@ class RecordingBackend:
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()
 
+    def run_executor(self, feeds: dict[str, np.ndarray], thresholds: np.ndarray) -> None:
+        """None: the engine then runs stage by stage, through `run`, which records."""
+        return None
+
 
 @contextmanager
 def recording(engine: Engine) -> Iterator[RecordingBackend]:

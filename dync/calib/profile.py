@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,7 +35,6 @@ from dync.inputs import Inputs
 from dync.package import file_record, load_manifest, write_manifest, write_package_file
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds
-from dync.timing import median_times
 
 PROFILE_FORMAT = "dync-latency-profile"
 PROFILE_VERSION = 1
@@ -241,10 +241,14 @@ def _batch_variants(engine: Engine, batch: int) -> dict[str, Callable[[], object
 
 
 def _time_rounds(variants: dict[str, Callable[[], object]], rounds: int, into: dict[str, list[float]]) -> None:
-    """Append one sample per variant per interleaved round (the raw samples, so passes can be pooled)."""
+    """Append one sample per variant per round, calling them in the executor's order (the raw samples, so
+    passes can be pooled). Call by call is right here, unlike between a package and another session: the
+    stages share one thread pool, as they do when the executor runs them."""
     for _ in range(rounds):
-        for name, seconds in median_times(variants, repeats=1, warmup=0).items():
-            into.setdefault(name, []).append(seconds)
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            into.setdefault(name, []).append(time.perf_counter() - start)
 
 
 def profile_stages(
@@ -280,7 +284,12 @@ def profile_stages(
             if progress is not None:
                 progress(f"profiling {num_stages} stages at batch {batch} (pass {p + 1}/{passes})")
             variants = _batch_variants(engine, batch)
-            one_round = sum(median_times(variants, repeats=1, warmup=warmup).values())
+            for _ in range(warmup):
+                for fn in variants.values():
+                    fn()
+            start = time.perf_counter()
+            _time_rounds(variants, 1, samples[batch])
+            one_round = time.perf_counter() - start
             if batch not in rounds:
                 total = max(repeats, math.ceil(min_seconds / max(one_round, 1e-9)))
                 rounds[batch] = math.ceil(total / passes)

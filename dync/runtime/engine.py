@@ -54,7 +54,7 @@ class Engine:
         self.manifest = manifest
         self.backend = backend
         self.criteria = ExitCriteria(package_dir, manifest.exits)
-        self._live_after = _live_state(manifest)
+        self._live_after = live_state(manifest)
         shapes = {tuple(e.shape[1:]) for e in manifest.exits if e.shape is not None}
         self._one_exit_shape = len(shapes) <= 1
 
@@ -109,10 +109,15 @@ class Engine:
         """The executor, on checked input: stage by stage, exits leave, the rest of the batch is compacted (every
         input a later stage reads is compacted with the carried state).
 
-        `observe(k, state)`, if given, sees the state held when stage k starts (profiling replays it).
+        The backend runs it as one call where it can (`Backend.run_executor`); `observe(k, state)`, if given,
+        sees the state held when stage k starts (profiling replays it), so it needs the stage-by-stage loop.
         """
         state = self.input_feeds(x)
         batch = batch_of(state)
+        whole = None if observe is not None or self.num_exits == 1 else self.backend.run_executor(state, thresholds)
+        if whole is not None:
+            merged, exits = whole
+            return RunResult(exit=exits, merged=merged)
         if self.num_exits == 1 and observe is None:  # nothing to decide: one call, no bookkeeping
             stage = self.manifest.stages[0]
             logits = self.backend.run(stage, {name: state[name] for name in stage.reads})[stage.exit.output]
@@ -241,7 +246,7 @@ class _Collected:
         return RunResult(exit=exits, per_exit=per_exit)
 
 
-def _live_state(manifest: Manifest) -> list[set[str]]:
+def live_state(manifest: Manifest) -> list[set[str]]:
     """After stage k, only tensors a later stage reads are kept (and compacted)."""
     live = []
     for k in range(len(manifest.stages)):

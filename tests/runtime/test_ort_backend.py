@@ -40,7 +40,7 @@ def test_no_fixed_sessions_when_turned_off(single_exit: Exported) -> None:
 
 
 def test_only_the_first_stage_of_an_early_exit_package_is_fixed(msdnet: Exported) -> None:
-    engine = dync.load(msdnet.package)
+    engine = dync.load(msdnet.package, one_graph=False)
     x = random_input(msdnet.sample_shape, 6, seed=0)
     engine.run(x, thresholds=[2.0] * (engine.num_exits - 1))  # no exit fires: every stage runs the whole batch
     sizes = list(engine.backend.fixed_batch_sizes().values())
@@ -49,7 +49,7 @@ def test_only_the_first_stage_of_an_early_exit_package_is_fixed(msdnet: Exported
 
 def test_fixed_session_takes_the_batch_as_a_static_dim(single_exit: Exported) -> None:
     session = StageSession(single_exit.package / dync.load(single_exit.package).manifest.stages[0].onnx,
-                           OrtSettings(), sees_request_batch=True)
+                           OrtSettings(), sees_request_batch=True, spinning=True)
     x = random_input(single_exit.sample_shape, 3, seed=0)
     name = session._dynamic.get_inputs()[0].name
     session.run(None, {name: x})

@@ -36,6 +36,12 @@ class Backend(Protocol):
         settings as the stages, so that it is a like-for-like baseline."""
         ...
 
+    def run_executor(self, feeds: dict[str, np.ndarray], thresholds: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The whole early-exit run in one call, as `Engine.execute` defines it: (every sample's exit output,
+        its exit index); None when this backend runs this package stage by stage only."""
+        ...
+
 
 def _ort(package_dir: Path, manifest: Manifest, **options: Any) -> Backend:
     from dync.runtime.backends.ort import OrtBackend

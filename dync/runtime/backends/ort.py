@@ -2,17 +2,23 @@
 built on first use for the batch sizes that repeat (`StageSession`), all with explicit options; and the
 static full model (the stages merged back into one graph) as one more `StageSession`, built on first use.
 
-Session options are explicit (threads, graph optimization level, spinning, fixed-batch sessions) so that
+Session options are explicit (threads, graph optimization level, thread pool, fixed-batch sessions) so that
 `bench` compares dync and the static full model under identical settings and can print them.
 
-Spinning is off by default: each stage session owns an intra-op thread pool, and pools that spin-wait after
-their stage finishes steal the cores the next stage's pool needs (on 2 cores this dominated batch-1
-latency through 7 stages).
+Spinning: an onnxruntime pool spin-waits between ops (and for a while after a run) instead of sleeping, which
+saves waking its threads for every op. A session that runs alone in a call (a one-stage package, the whole
+executor as one graph, the static full model) spins, as onnxruntime's default sessions do. Stage sessions
+called one after another do not: each owns a pool, and a pool still spinning after its stage takes the cores
+the next stage's pool needs (on 2 cores this dominated batch-1 latency through 7 stages). onnxruntime's
+process-wide pool would let every stage spin on one pool, but once it exists onnxruntime refuses every
+session in the process that keeps its own threads (its default), so a library cannot turn it on.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,7 +29,9 @@ import onnx
 import onnxruntime as ort
 
 from dync.errors import InputError, PackageError
+from dync.inputs import batch_of
 from dync.package import Manifest, StageSpec
+from dync.runtime.one_graph import EXIT, OUTPUT, THRESHOLDS, OneGraph, one_graph_applies, thresholds_feed
 
 ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
               ort.capi.onnxruntime_pybind11_state.RuntimeException,
@@ -44,8 +52,8 @@ class OrtSettings:
 
     threads: int = 0
     optimization: str = "all"
-    spinning: bool = False
     fixed_batches: int = 8
+    one_graph: bool = True
 
     def __post_init__(self) -> None:
         if self.optimization not in OPTIMIZATION_LEVELS:
@@ -63,27 +71,29 @@ class OrtSettings:
     def intra_op_threads(self) -> int:
         return self.threads or os.cpu_count() or 1
 
-    def session_options(self) -> ort.SessionOptions:
+    def session_options(self, spinning: bool) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization]
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         return options
 
     def describe(self) -> dict[str, Any]:
         return {**asdict(self), "intra_op_threads": self.intra_op_threads, "provider": "CPUExecutionProvider"}
 
 
-def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings) -> ort.InferenceSession:
-    """A CPU session for a model (or its file) under `settings`, explicit options only (never ort's defaults).
+def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings, spinning: bool = True
+                      ) -> ort.InferenceSession:
+    """A CPU session for a model (or its file) under `settings`, explicit options only (never ort's defaults);
+    `spinning=False` for a session that runs in turn with others (see the module docstring).
 
     A file is handed to onnxruntime as bytes, never as a path, so that a stage cannot make it read files
     outside the package through external-data references; a file onnxruntime refuses is a PackageError."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else Path(model).read_bytes()
     try:
-        return ort.InferenceSession(source, settings.session_options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, settings.session_options(spinning), providers=["CPUExecutionProvider"])
     except ORT_ERRORS as exc:
         if isinstance(model, onnx.ModelProto):
             raise
@@ -91,6 +101,21 @@ def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings
         raise PackageError(f"onnxruntime cannot load {model} ({first}); the file is damaged or not what dync "
                            "wrote (dync packages hold their weights inside the stage files): re-export the "
                            "package.") from exc
+
+
+def optimized_for_this_machine(model: onnx.ModelProto, settings: OrtSettings) -> onnx.ModelProto:
+    """`model` as onnxruntime optimizes it for this CPU, with its layout transforms (NCHWc convolutions) in.
+
+    onnxruntime applies those transforms to a graph's top level only, not inside an `If` branch, where plain
+    NCHW convolutions ran 1.5x slower on the stages of an early-exit model; so the branches of the one-graph
+    executor hold graphs optimized here first. What this writes is specific to this machine and is never
+    stored in a package."""
+    with tempfile.TemporaryDirectory(prefix="dync-optimized-") as scratch:
+        options = settings.session_options(spinning=False)
+        options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
+        options.log_severity_level = 3  # its warning: the file holds machine-specific ops, which is the point
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath)
 
 
 class StageSession:
@@ -105,16 +130,17 @@ class StageSession:
     """
 
     def __init__(self, model: onnx.ModelProto | Path, settings: OrtSettings, *, sees_request_batch: bool,
-                 plugins: bool = True) -> None:
-        """`plugins=False` promises a stage file without `dync::` nodes (as its manifest says), which spares
-        parsing it here."""
+                 spinning: bool, plugins: bool = True) -> None:
+        """`spinning` for a graph that runs alone in a call; `plugins=False` promises a stage file without
+        `dync::` nodes (as its manifest says), which spares parsing it here."""
         from dync.plugins.splice import custom_nodes, decompose_custom_nodes, has_fast_cpu_path
 
         self._settings = settings
+        self._spinning = spinning
         self._model = model
         graph = onnx.load(model, load_external_data=False) if isinstance(model, Path) and plugins else model
         has_plugins = isinstance(graph, onnx.ModelProto) and bool(custom_nodes(graph))
-        self._dynamic = session_from_onnx(decompose_custom_nodes(graph) if has_plugins else model, settings)
+        self._dynamic = session_from_onnx(decompose_custom_nodes(graph) if has_plugins else model, settings, spinning)
         fast_path = has_plugins and has_fast_cpu_path(graph)
         self._fixed_batch = settings.fixed_batches > 0 and (sees_request_batch or fast_path)
         self._by_batch: dict[int, ort.InferenceSession] = {}
@@ -148,7 +174,7 @@ class StageSession:
 
         graph = onnx.load(self._model, load_external_data=False) if isinstance(self._model, Path) else self._model
         self._by_batch[batch] = session_from_onnx(_with_batch(specialize_custom_nodes(graph, batch), batch),
-                                                  self._settings)
+                                                  self._settings, self._spinning)
         return self._by_batch[batch]
 
 
@@ -178,8 +204,10 @@ class OrtBackend:
         self.settings = OrtSettings(**settings)
         self._package_dir = Path(package_dir)
         self._manifest = manifest
+        alone = len(manifest.stages) == 1
         self._sessions = {stage.name: StageSession(self._package_dir / stage.onnx, self.settings,
-                                                   sees_request_batch=k == 0, plugins=bool(manifest.custom_ops))
+                                                   sees_request_batch=k == 0, spinning=alone,
+                                                   plugins=bool(manifest.custom_ops))
                           for k, stage in enumerate(manifest.stages)}
         for stage in manifest.stages:
             self._sessions[stage.name].check_interface(stage)
@@ -192,6 +220,30 @@ class OrtBackend:
     def run_static(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._static_session.run(None, feeds)
 
+    def run_executor(self, feeds: dict[str, np.ndarray], thresholds: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+        session = self._executor_session(batch_of(feeds) == 1)
+        if session is None:
+            return None
+        return tuple(session.run([OUTPUT, EXIT], {**feeds, THRESHOLDS: thresholds_feed(thresholds)}))
+
+    @functools.cache  # noqa: B019 (one backend per package, held for the engine's life)
+    def _executor_session(self, single_sample: bool) -> StageSession | None:
+        """The executor as one graph (`dync.runtime.one_graph`) in its form for one sample or for any batch,
+        built on first use; None where the package needs the stage-by-stage executor or the settings ask
+        for it."""
+        if self._one_graph is None:
+            return None
+        return StageSession(self._one_graph.model(single_sample), self.settings, sees_request_batch=True,
+                            spinning=True)
+
+    @cached_property
+    def _one_graph(self) -> OneGraph | None:
+        if not (self.settings.one_graph and one_graph_applies(self._manifest)):
+            return None
+        return OneGraph(self._package_dir, self._manifest,
+                        functools.partial(optimized_for_this_machine, settings=self.settings))
+
     @cached_property
     def _static_session(self) -> StageSession:
         """The merged graph, run as the first stage is (it sees the request's batch): same settings, fixed-shape
@@ -200,7 +252,7 @@ class OrtBackend:
         from dync.runtime.static import merged_static_model
 
         return StageSession(merged_static_model(self._package_dir, self._manifest), self.settings,
-                            sees_request_batch=True)
+                            sees_request_batch=True, spinning=True)
 
     def fixed_batch_sizes(self) -> dict[str, list[int]]:
         """Per stage, the batch sizes it has a fixed-shape session for (built on first use)."""

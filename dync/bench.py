@@ -9,8 +9,12 @@ Reported per setting, all as ratios of medians measured in interleaved rounds:
 
 from __future__ import annotations
 
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -120,4 +124,70 @@ def format_report(report: BenchReport) -> str:
     predicted = report.predicted_over_measured
     lines.append("| dync time predicted by the profile / measured | "
                  + ("no profile: run `dync profile` |" if predicted is None else f"{predicted:.2f} |"))
+    return "\n".join(lines)
+
+
+@dataclass
+class TimeShares:
+    """Where a package's run spends its time, from the backend's per-node profile: kernel seconds per stage
+    (and the one-graph executor's exit rule) and per op type, over `runs` runs."""
+
+    batch: int
+    runs: int
+    wall_seconds: float
+    by_stage: dict[str, dict[str, float]]
+    by_op_type: dict[str, tuple[float, int]]
+    """op type -> (seconds, number of nodes)."""
+
+    @property
+    def kernel_seconds(self) -> float:
+        return sum(sum(ops.values()) for ops in self.by_stage.values())
+
+
+def time_shares(package: Path, x: Inputs, thresholds: Sequence[float] | None = None, runs: int = 20,
+                **settings: Any) -> TimeShares:
+    """Runs the package `runs` times (after one untimed run) on onnxruntime sessions that profile every node,
+    with the package's thresholds unless given, and sums the kernel times."""
+    from dync.runtime.backends import EXIT_RULE
+
+    with tempfile.TemporaryDirectory(prefix="dync-profile-") as scratch:
+        engine = Engine.load(package, **settings, profile_dir=scratch)
+        resolved = resolve_thresholds(thresholds if thresholds is not None else engine.manifest.thresholds,
+                                      engine.num_exits)
+        engine.execute(x, resolved)
+        start = time.perf_counter()
+        for _ in range(runs):
+            engine.execute(x, resolved)
+        wall = time.perf_counter() - start
+        kernels = engine.backend.kernel_times()
+    names = {k: s.name for k, s in enumerate(engine.manifest.stages)} | {EXIT_RULE: EXIT_RULE}
+    by_stage: dict[str, dict[str, float]] = {name: {} for name in names.values()}
+    by_op: dict[str, list] = {}
+    nodes: dict[str, set[str]] = {}
+    for kernel in kernels:
+        ops = by_stage.setdefault(names[kernel.stage], {})
+        ops[kernel.op_type] = ops.get(kernel.op_type, 0.0) + kernel.seconds
+        by_op.setdefault(kernel.op_type, []).append(kernel.seconds)
+        nodes.setdefault(kernel.op_type, set()).add(kernel.node)
+    by_stage = {name: ops for name, ops in by_stage.items() if ops}
+    return TimeShares(batch=batch_of(engine.input_feeds(x)), runs=runs, wall_seconds=wall, by_stage=by_stage,
+                      by_op_type={op: (sum(t), len(nodes[op])) for op, t in by_op.items()})
+
+
+def format_time_shares(shares: TimeShares, top: int = 12) -> str:
+    kernel = shares.kernel_seconds
+    lines = [f"where the time goes: {shares.runs} runs at batch {shares.batch} (onnxruntime's profiler)",
+             f"kernels take {kernel / shares.wall_seconds:.0%} of the wall time; the rest is the executor's own "
+             "cost and onnxruntime's per-call cost", "",
+             "| stage | share of kernel time | op types (share of the stage) |", "| --- | --- | --- |"]
+    for stage, ops in shares.by_stage.items():
+        total = sum(ops.values())
+        mix = ", ".join(f"{op} {t / total:.0%}" for op, t in sorted(ops.items(), key=lambda i: -i[1])[:4])
+        lines.append(f"| {stage} | {total / kernel:.1%} | {mix} |")
+    lines += ["", "| op type | share of kernel time | nodes |", "| --- | --- | --- |"]
+    ranked = sorted(shares.by_op_type.items(), key=lambda item: -item[1][0])
+    lines += [f"| {op} | {seconds / kernel:.1%} | {count} |" for op, (seconds, count) in ranked[:top]]
+    if len(ranked) > top:
+        rest = sum(seconds for _, (seconds, _) in ranked[top:])
+        lines.append(f"| {len(ranked) - top} other op types | {rest / kernel:.1%} | |")
     return "\n".join(lines)

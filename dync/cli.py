@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -264,22 +265,32 @@ def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol
 @click.option("--thresholds", callback=_parse_floats,
               help="Exit thresholds (default: the package's, else an even split of the data over the exits).")
 @click.option("--repeats", default=15, show_default=True, type=click.IntRange(1),
-              help="Timed rounds; medians are reported.")
+              help="Timed calls of each variant; medians are reported.")
+@click.option("--profile", "with_profile", is_flag=True,
+              help="Also print where dync's run spends its time: per stage and per op type (onnxruntime's profiler).")
 @_session_options
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[float] | None, repeats: int,
-          threads: int, fixed_batches: int, as_json: bool) -> None:
+          with_profile: bool, threads: int, fixed_batches: int, as_json: bool) -> None:
     """Measure PACKAGE against its static full model, side by side under the same session options."""
     import dync
     from dync.bench import bench as run_bench
-    from dync.bench import format_report
+    from dync.bench import format_report, format_time_shares, time_shares
     from dync.inputs import batch_of
 
     engine = dync.load(package, threads=threads, fixed_batches=fixed_batches)
     x = _load_inputs(input_path) if input_path else engine.example_input(batch)
-    _progress(f"timing {repeats} interleaved rounds at batch {batch_of(engine.input_feeds(x))}")
+    _progress(f"timing {repeats} calls of each variant, in alternating blocks, at batch "
+              f"{batch_of(engine.input_feeds(x))}")
     report = run_bench(engine, x, thresholds=thresholds, repeats=repeats)
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else format_report(report))
+    shares = None
+    if with_profile:
+        _progress("profiling dync's run with onnxruntime's profiler")
+        shares = time_shares(package, x, report.thresholds, threads=threads, fixed_batches=fixed_batches)
+    if as_json:
+        click.echo(json.dumps({**report.to_json(), **({"time_shares": asdict(shares)} if shares else {})}, indent=2))
+    else:
+        click.echo(format_report(report) + ("\n\n" + format_time_shares(shares) if shares else ""))
 
 
 @main.command()

@@ -3,12 +3,17 @@ refuses bad options."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from dync.bench import bench, spreading_thresholds
+import dync
+from dync.bench import bench, spreading_thresholds, time_shares
 from dync.calib.thresholds import even_split_thresholds
 from dync.errors import InputError
+from dync.runtime.backends import EXIT_RULE
 from dync.runtime.exit_rule import forcing_thresholds, max_softmax
 from dync.timing import median_times
 from tests.conftest import CliExport, Exported, invoke
@@ -67,3 +72,34 @@ def test_cli_bench_with_no_rounds_is_one_error_line(cli_export: CliExport) -> No
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Invalid value for '--repeats': 0" in errors[0], result.stderr
     assert "Traceback" not in result.output and not result.stdout
+
+
+def test_median_times_alternates_blocks_each_opened_by_an_untimed_call() -> None:
+    order: list[str] = []
+    median_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=7, warmup=1)
+    # warm-up a, b; then blocks of 1 untimed + 5 timed calls, the last block 1 + 2
+    assert "".join(order) == "ab" + "a" * 6 + "b" * 6 + "a" * 3 + "b" * 3
+
+
+@pytest.mark.parametrize("one_graph", [True, False])
+def test_time_shares_cover_every_stage_and_op_type(msdnet: Exported, one_graph: bool) -> None:
+    x = random_input(msdnet.sample_shape, 8, seed=4)
+    thresholds = spreading_thresholds(msdnet.engine, x)
+    shares = time_shares(msdnet.package, x, thresholds, runs=3, one_graph=one_graph)
+    stages = [s.name for s in msdnet.engine.manifest.stages]
+    assert [s for s in shares.by_stage if s != EXIT_RULE] == stages
+    assert (EXIT_RULE in shares.by_stage) == one_graph
+    assert {"Conv", "Gemm"} <= set(shares.by_op_type) and "If" not in shares.by_op_type
+    by_op = sum(seconds for seconds, _ in shares.by_op_type.values())
+    assert shares.kernel_seconds == pytest.approx(by_op) and shares.kernel_seconds > 0
+    assert sum(count for _, count in shares.by_op_type.values()) >= len(stages)
+    assert not list(Path(tempfile.gettempdir()).glob("dync-profile-*")), "profiles are removed"
+
+
+def test_cli_bench_profile_prints_both_tables(cli_export: CliExport) -> None:
+    result = invoke(["bench", cli_export.package, "--batch", "4", "--repeats", "1", "--profile"])
+    assert result.exit_code == 0, result.output
+    assert "where the time goes: 20 runs at batch 4" in result.stdout
+    assert "| stage | share of kernel time |" in result.stdout and "| op type | share of kernel time |" in result.stdout
+    for stage in dync.load(cli_export.package).manifest.stages:
+        assert f"| {stage.name} | " in result.stdout

@@ -81,6 +81,7 @@ class OneGraph:
         )
         graph.node.extend([helper.make_node("Identity", [output], [OUTPUT]),
                            helper.make_node("Identity", [exits], [EXIT])])
+        _name_nodes(graph)
         opsets = {o.domain: o for m in self.stages for o in m.opset_import}
         return helper.make_model(graph, opset_imports=list(opsets.values()), ir_version=first.ir_version)
 
@@ -205,6 +206,17 @@ def _renamed(node: onnx.NodeProto, rename: Callable[[str], str], k: int) -> onnx
     if copy.name:
         copy.name = f"{copy.name}@{k}"
     return copy
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """Names the executor's own nodes after their first output (`dync_exit{k}_...`), so that a profile tells
+    them from the stages' nodes, which carry `@k`."""
+    for node in graph.node:
+        if not node.name:
+            node.name = node.output[0]
+        for attribute in node.attribute:
+            for branch in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                _name_nodes(branch)
 
 
 def _renamed_tensor(tensor: TensorProto, rename: Callable[[str], str]) -> TensorProto:

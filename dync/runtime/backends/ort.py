@@ -17,7 +17,10 @@ session in the process that keeps its own threads (its default), so a library ca
 from __future__ import annotations
 
 import functools
+import itertools
+import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -31,6 +34,7 @@ import onnxruntime as ort
 from dync.errors import InputError, PackageError
 from dync.inputs import batch_of
 from dync.package import Manifest, StageSpec
+from dync.runtime.backends import EXIT_RULE, KernelTime
 from dync.runtime.one_graph import EXIT, OUTPUT, THRESHOLDS, OneGraph, one_graph_applies, thresholds_feed
 
 ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
@@ -54,6 +58,7 @@ class OrtSettings:
     optimization: str = "all"
     fixed_batches: int = 8
     one_graph: bool = True
+    profile_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.optimization not in OPTIMIZATION_LEVELS:
@@ -71,8 +76,13 @@ class OrtSettings:
     def intra_op_threads(self) -> int:
         return self.threads or os.cpu_count() or 1
 
-    def session_options(self, spinning: bool) -> ort.SessionOptions:
+    def session_options(self, spinning: bool, label: str = "session") -> ort.SessionOptions:
+        """Options for one session; with `profile_dir`, onnxruntime profiles it into a file named after `label`
+        and a number unique in this process (its own names hold only the second the session started)."""
         options = ort.SessionOptions()
+        if self.profile_dir is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(self.profile_dir) / f"{label}-{next(_session_numbers)}")
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -84,8 +94,11 @@ class OrtSettings:
         return {**asdict(self), "intra_op_threads": self.intra_op_threads, "provider": "CPUExecutionProvider"}
 
 
-def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings, spinning: bool = True
-                      ) -> ort.InferenceSession:
+_session_numbers = itertools.count()
+
+
+def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings, spinning: bool = True,
+                      label: str = "session") -> ort.InferenceSession:
     """A CPU session for a model (or its file) under `settings`, explicit options only (never ort's defaults);
     `spinning=False` for a session that runs in turn with others (see the module docstring).
 
@@ -93,7 +106,8 @@ def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings
     outside the package through external-data references; a file onnxruntime refuses is a PackageError."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else Path(model).read_bytes()
     try:
-        return ort.InferenceSession(source, settings.session_options(spinning), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, settings.session_options(spinning, label),
+                                    providers=["CPUExecutionProvider"])
     except ORT_ERRORS as exc:
         if isinstance(model, onnx.ModelProto):
             raise
@@ -130,17 +144,19 @@ class StageSession:
     """
 
     def __init__(self, model: onnx.ModelProto | Path, settings: OrtSettings, *, sees_request_batch: bool,
-                 spinning: bool, plugins: bool = True) -> None:
+                 spinning: bool, plugins: bool = True, label: str = "stage") -> None:
         """`spinning` for a graph that runs alone in a call; `plugins=False` promises a stage file without
-        `dync::` nodes (as its manifest says), which spares parsing it here."""
+        `dync::` nodes (as its manifest says), which spares parsing it here; `label` names its profiles."""
         from dync.plugins.splice import custom_nodes, decompose_custom_nodes, has_fast_cpu_path
 
         self._settings = settings
         self._spinning = spinning
+        self._label = label
         self._model = model
         graph = onnx.load(model, load_external_data=False) if isinstance(model, Path) and plugins else model
         has_plugins = isinstance(graph, onnx.ModelProto) and bool(custom_nodes(graph))
-        self._dynamic = session_from_onnx(decompose_custom_nodes(graph) if has_plugins else model, settings, spinning)
+        self._dynamic = session_from_onnx(decompose_custom_nodes(graph) if has_plugins else model, settings, spinning,
+                                          label)
         fast_path = has_plugins and has_fast_cpu_path(graph)
         self._fixed_batch = settings.fixed_batches > 0 and (sees_request_batch or fast_path)
         self._by_batch: dict[int, ort.InferenceSession] = {}
@@ -165,6 +181,10 @@ class StageSession:
     def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._session(len(next(iter(feeds.values())))).run(names, feeds)
 
+    def end_profiling(self) -> list[Path]:
+        """Stops profiling every session built so far (see `OrtSettings.profile_dir`); their profile files."""
+        return [Path(session.end_profiling()) for session in [self._dynamic, *self._by_batch.values()]]
+
     def _session(self, batch: int) -> ort.InferenceSession:
         if batch in self._by_batch:
             return self._by_batch[batch]
@@ -174,8 +194,42 @@ class StageSession:
 
         graph = onnx.load(self._model, load_external_data=False) if isinstance(self._model, Path) else self._model
         self._by_batch[batch] = session_from_onnx(_with_batch(specialize_custom_nodes(graph, batch), batch),
-                                                  self._settings, self._spinning)
+                                                  self._settings, self._spinning, f"{self._label}-batch{batch}")
         return self._by_batch[batch]
+
+
+_STAGE_OF_NODE = re.compile(r"@(\d+)(?!\d)")
+"""A node of the one-graph executor carries its stage's index (`dync.runtime.one_graph`)."""
+_EXIT_RULE_NODE = re.compile(r"^dync_")
+
+
+_CONTROL_FLOW = {"If", "Loop", "Scan"}
+"""Their profiled time is their branches' nodes, which are profiled too."""
+
+
+def _kernel_times(profile: Path, stage: int | None) -> list[KernelTime]:
+    """The node events of one onnxruntime profile after its first run; `stage` None for the one-graph
+    executor, whose node names say their stage (nodes onnxruntime added at its top level belong to stage 0)."""
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    runs = sorted(e["ts"] + e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    if len(runs) < 2:
+        return []
+    times = []
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or event["ts"] < runs[0] \
+                or event["args"]["op_name"] in _CONTROL_FLOW:
+            continue
+        node = event["name"].removesuffix("_kernel_time")
+        if stage is not None:
+            where: int | str = stage
+        elif _EXIT_RULE_NODE.match(node):
+            where = EXIT_RULE
+        else:
+            found = _STAGE_OF_NODE.search(node)
+            where = int(found.group(1)) if found else 0
+        times.append(KernelTime(where, event["args"]["op_name"], node, event["dur"] * 1e-6))
+    return times
 
 
 def _with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
@@ -207,11 +261,12 @@ class OrtBackend:
         alone = len(manifest.stages) == 1
         self._sessions = {stage.name: StageSession(self._package_dir / stage.onnx, self.settings,
                                                    sees_request_batch=k == 0, spinning=alone,
-                                                   plugins=bool(manifest.custom_ops))
+                                                   plugins=bool(manifest.custom_ops), label=stage.name)
                           for k, stage in enumerate(manifest.stages)}
         for stage in manifest.stages:
             self._sessions[stage.name].check_interface(stage)
         self._outputs = {s.name: [s.exit.output, *[w for w in s.writes if w != s.exit.output]] for s in manifest.stages}
+        self._executors: dict[bool, StageSession | None] = {}
 
     def run(self, stage: StageSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self._outputs[stage.name]
@@ -227,15 +282,15 @@ class OrtBackend:
             return None
         return tuple(session.run([OUTPUT, EXIT], {**feeds, THRESHOLDS: thresholds_feed(thresholds)}))
 
-    @functools.cache  # noqa: B019 (one backend per package, held for the engine's life)
     def _executor_session(self, single_sample: bool) -> StageSession | None:
         """The executor as one graph (`dync.runtime.one_graph`) in its form for one sample or for any batch,
         built on first use; None where the package needs the stage-by-stage executor or the settings ask
         for it."""
-        if self._one_graph is None:
-            return None
-        return StageSession(self._one_graph.model(single_sample), self.settings, sees_request_batch=True,
-                            spinning=True)
+        if single_sample not in self._executors:
+            self._executors[single_sample] = None if self._one_graph is None else StageSession(
+                self._one_graph.model(single_sample), self.settings, sees_request_batch=True, spinning=True,
+                label="one-graph")
+        return self._executors[single_sample]
 
     @cached_property
     def _one_graph(self) -> OneGraph | None:
@@ -253,6 +308,17 @@ class OrtBackend:
 
         return StageSession(merged_static_model(self._package_dir, self._manifest), self.settings,
                             sees_request_batch=True, spinning=True)
+
+    def kernel_times(self) -> list[KernelTime]:
+        """Every node run by the stage and executor sessions since load, from onnxruntime's profiles, each run's
+        first call left out (it allocates); needs `profile_dir` in the settings, and ends the profiling."""
+        assert self.settings.profile_dir is not None, "kernel times need sessions built with profile_dir"
+        times = []
+        for k, stage in enumerate(self._manifest.stages):
+            times += [t for path in self._sessions[stage.name].end_profiling() for t in _kernel_times(path, k)]
+        for session in filter(None, self._executors.values()):
+            times += [t for path in session.end_profiling() for t in _kernel_times(path, None)]
+        return times
 
     def fixed_batch_sizes(self) -> dict[str, list[int]]:
         """Per stage, the batch sizes it has a fixed-shape session for (built on first use)."""

@@ -17,7 +17,7 @@ import pytest
 
 import dync
 from tests.helpers import assert_close, eager_outputs
-from tests.library_models import build
+from zoo.library import build
 from zoo import random_input
 
 MIN_INPUT_DEPENDENCE = 0.01

@@ -37,6 +37,7 @@ THRESHOLDS = "dync_thresholds"
 OUTPUT, EXIT = "dync_output", "dync_exit"
 """The graph outputs: every sample's exit output, in input order, and the index of the exit it took."""
 MIN_OPSET = 18
+"""Reductions take their axes as an input from opset 18 on, as the exit rule's nodes are written."""
 
 
 def one_graph_applies(manifest: Manifest) -> bool:
@@ -53,28 +54,34 @@ class OneGraph:
     every shape stays static."""
 
     def __init__(self, package_dir: Path, manifest: Manifest,
-                 prepare: Callable[[onnx.ModelProto], onnx.ModelProto] = lambda model: model) -> None:
-        """`prepare` turns each later stage's graph (its `dync::` nodes decomposed) into the form embedded in a
-        branch: a backend whose graph optimizer does not reach into `If` branches optimizes them first. The
-        first stage stays at the top level, as it is in the package."""
+                 prepare: Callable[[onnx.ModelProto, int | None], onnx.ModelProto] = lambda model, batch:
+                 decompose_custom_nodes(model)) -> None:
+        """`prepare(stage, batch)` turns each later stage's graph into the form embedded in a branch, for a
+        batch of one (1) or any batch (None): with its `dync::` nodes decomposed, at least, and for a backend
+        whose graph optimizer does not reach into `If` branches, optimized first. The first stage stays at the
+        top level, as it is in the package."""
         assert one_graph_applies(manifest)
         self.manifest = manifest
-        stages = [onnx.load(package_dir / s.onnx) for s in manifest.stages]
-        self.stages = [stages[0], *(prepare(decompose_custom_nodes(m)) for m in stages[1:])]
+        self.prepare = prepare
+        self.stages = [onnx.load(package_dir / s.onnx) for s in manifest.stages]
+        opset = next((o.version for o in self.stages[0].opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.usable = opset >= MIN_OPSET
+        """Whether the graph's ops can be written in the stages' opset (the exit rule needs 18's reductions)."""
 
     def model(self, single_sample: bool) -> onnx.ModelProto:
-        builder = _Unrolled(self.manifest, self.stages, live_state(self.manifest))
+        stages = [self.stages[0], *(self.prepare(m, 1 if single_sample else None) for m in self.stages[1:])]
+        builder = _Unrolled(self.manifest, stages, live_state(self.manifest))
         inputs = {t.name: t.name for t in self.manifest.inputs}
         if single_sample:
             nodes, (output, exits) = builder.single_sample_level(0, inputs)
         else:
             nodes, (output, exits) = builder.level(0, inputs, None, None, None)
-        first = self.stages[0]
+        first = stages[0]
         graph = helper.make_graph(
             nodes,
             f"{self.manifest.name}_one_graph",
-            [*[v for v in first.graph.input if v.name in inputs],
-             helper.make_tensor_value_info(THRESHOLDS, TensorProto.FLOAT, [len(self.stages) - 1])],
+            [*_package_inputs(self.manifest, self.stages),
+             helper.make_tensor_value_info(THRESHOLDS, TensorProto.FLOAT, [len(stages) - 1])],
             [helper.make_tensor_value_info(OUTPUT, builder.output_type, None),
              helper.make_tensor_value_info(EXIT, TensorProto.INT64, None)],
             builder.initializers,
@@ -82,8 +89,15 @@ class OneGraph:
         graph.node.extend([helper.make_node("Identity", [output], [OUTPUT]),
                            helper.make_node("Identity", [exits], [EXIT])])
         _name_nodes(graph)
-        opsets = {o.domain: o for m in self.stages for o in m.opset_import}
+        opsets = {o.domain: o for m in stages for o in m.opset_import}
         return helper.make_model(graph, opset_imports=list(opsets.values()), ir_version=first.ir_version)
+
+
+def _package_inputs(manifest: Manifest, stages: list[onnx.ModelProto]) -> list[onnx.ValueInfoProto]:
+    """The package inputs, as the stages that read them declare them (a later stage may read one the first
+    does not)."""
+    declared = {v.name: v for model in reversed(stages) for v in model.graph.input}
+    return [declared[t.name] for t in manifest.inputs]
 
 
 def thresholds_feed(thresholds: np.ndarray) -> np.ndarray:

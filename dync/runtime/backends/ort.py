@@ -132,6 +132,17 @@ def optimized_for_this_machine(model: onnx.ModelProto, settings: OrtSettings) ->
         return onnx.load(options.optimized_model_filepath)
 
 
+def _branch_stage(model: onnx.ModelProto, batch: int | None, settings: OrtSettings) -> onnx.ModelProto:
+    """A later stage as a branch of the one-graph executor holds it: for one batch size, with its inputs' batch
+    fixed (so that onnxruntime folds its shape arithmetic) and plugin nodes on their fast CPU path; for any
+    batch, with them decomposed; optimized for this machine either way."""
+    from dync.plugins.splice import decompose_custom_nodes, specialize_custom_nodes
+
+    if batch is None:
+        return optimized_for_this_machine(decompose_custom_nodes(model), settings)
+    return optimized_for_this_machine(_with_batch(specialize_custom_nodes(model, batch), batch), settings)
+
+
 class StageSession:
     """What runs one stage graph: a session with a dynamic batch, and sessions with the batch fixed where it pays.
 
@@ -296,8 +307,8 @@ class OrtBackend:
     def _one_graph(self) -> OneGraph | None:
         if not (self.settings.one_graph and one_graph_applies(self._manifest)):
             return None
-        return OneGraph(self._package_dir, self._manifest,
-                        functools.partial(optimized_for_this_machine, settings=self.settings))
+        graph = OneGraph(self._package_dir, self._manifest, functools.partial(_branch_stage, settings=self.settings))
+        return graph if graph.usable else None
 
     @cached_property
     def _static_session(self) -> StageSession:

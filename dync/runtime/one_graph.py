@@ -15,8 +15,7 @@ the two executors agree except where a threshold lies within a few float32 ulps 
 rule rounds them, and above 1 they become +inf (never fire).
 
 Packages whose exits differ in per-sample shape (or whose manifest does not record it), or that hold a user
-criterion graph, keep the stage-by-stage
-executor (`one_graph_model` returns None for them).
+criterion graph, keep the stage-by-stage executor (`one_graph_applies`).
 """
 
 from __future__ import annotations
@@ -121,12 +120,7 @@ class _Unrolled:
         """Nodes computing the final (output, exit) tensors from level k on, with `names` mapping each tensor
         stage k reads to its compacted name here, `rows` the input rows still running (None at level 0, with
         `output` and `exits` not yet allocated)."""
-        stage = self.manifest.stages[k]
-        rename = self._renamer(k, names)
-        nodes = [_renamed(node, rename, k) for node in self.stages[k].graph.node]
-        self.initializers += [_renamed_tensor(t, rename) for t in self.stages[k].graph.initializer]
-        logits = rename(stage.exit.output)
-        names = {**names, **{w: rename(w) for w in stage.writes}}
+        nodes, logits, names = self._stage(k, names)
         n = _Names(k)
         if rows is None:
             nodes += [helper.make_node("Shape", [logits], [n("shape")]),
@@ -142,11 +136,8 @@ class _Unrolled:
             rows, output, exits = n("rows"), n("output"), n("exits")
         if k == len(self.stages) - 1:
             return nodes + _scatter(n, rows, logits, output, exits, k), (n("output'"), n("exits'"))
-        nodes += _confidence(self.manifest.exits[k].criterion, self.classes[k], logits, n)
-        nodes += [_constant(n("k"), k),
-                  helper.make_node("Gather", [THRESHOLDS, n("k")], [n("threshold")], axis=0),
-                  helper.make_node("GreaterOrEqual", [n("confidence"), n("threshold")], [n("leave")]),
-                  helper.make_node("Compress", [rows, n("leave")], [n("leaving")], axis=0),
+        nodes += self._exit_rule(k, logits, n)
+        nodes += [helper.make_node("Compress", [rows, n("leave")], [n("leaving")], axis=0),
                   helper.make_node("Compress", [logits, n("leave")], [n("leaving_out")], axis=0)]
         nodes += _scatter(n, n("leaving"), n("leaving_out"), output, exits, k)
         nodes += [helper.make_node("Not", [n("leave")], [n("keep")]),
@@ -171,21 +162,13 @@ class _Unrolled:
     def single_sample_level(self, k: int, names: dict[str, str]) -> tuple[list[onnx.NodeProto], tuple[str, str]]:
         """`level` for a batch of one: stage k, then an `If` on its exit rule whose else-branch is level k+1,
         reading stage k's tensors as they are."""
-        stage = self.manifest.stages[k]
-        rename = self._renamer(k, names)
-        nodes = [_renamed(node, rename, k) for node in self.stages[k].graph.node]
-        self.initializers += [_renamed_tensor(t, rename) for t in self.stages[k].graph.initializer]
-        logits = rename(stage.exit.output)
-        names = {**names, **{w: rename(w) for w in stage.writes}}
+        nodes, logits, names = self._stage(k, names)
         n = _Names(k)
         nodes.append(_constant(n("exit_index"), [k]))
         if k == len(self.stages) - 1:
             return nodes, (logits, n("exit_index"))
-        nodes += _confidence(self.manifest.exits[k].criterion, self.classes[k], logits, n)
-        nodes += [_constant(n("k"), k),
-                  helper.make_node("Gather", [THRESHOLDS, n("k")], [n("threshold")], axis=0),
-                  helper.make_node("GreaterOrEqual", [n("confidence"), n("threshold")], [n("leave")]),
-                  _constant(n("batch_axis"), [0]),
+        nodes += self._exit_rule(k, logits, n)
+        nodes += [_constant(n("batch_axis"), [0]),
                   helper.make_node("Squeeze", [n("leave"), n("batch_axis")], [n("done")])]
         done = helper.make_graph(
             [helper.make_node("Identity", [logits], [n("then_output")]),
@@ -196,6 +179,22 @@ class _Unrolled:
         nodes.append(helper.make_node("If", [n("done")], [n("result"), n("result_exits")], name=n("if"),
                                       then_branch=done, else_branch=go_on))
         return nodes, (n("result"), n("result_exits"))
+
+    def _stage(self, k: int, names: dict[str, str]) -> tuple[list[onnx.NodeProto], str, dict[str, str]]:
+        """Stage k's nodes at level k (its weights added to the graph's), its exit output's name here, and
+        `names` with the tensors it writes added."""
+        stage = self.manifest.stages[k]
+        rename = self._renamer(k, names)
+        self.initializers += [_renamed_tensor(t, rename) for t in self.stages[k].graph.initializer]
+        nodes = [_renamed(node, rename, k) for node in self.stages[k].graph.node]
+        return nodes, rename(stage.exit.output), {**names, **{w: rename(w) for w in stage.writes}}
+
+    def _exit_rule(self, k: int, logits: str, n: _Names) -> list[onnx.NodeProto]:
+        """`leave` [B]: whose confidence at exit k reaches its threshold."""
+        return [*_confidence(self.manifest.exits[k].criterion, self.classes[k], logits, n),
+                _constant(n("k"), k),
+                helper.make_node("Gather", [THRESHOLDS, n("k")], [n("threshold")], axis=0),
+                helper.make_node("GreaterOrEqual", [n("confidence"), n("threshold")], [n("leave")])]
 
     def _outputs(self, output: str, exits: str) -> list[onnx.ValueInfoProto]:
         return [helper.make_tensor_value_info(output, self.output_type, None),

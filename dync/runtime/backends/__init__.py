@@ -54,6 +54,11 @@ class Backend(Protocol):
         its exit index); None when this backend runs this package stage by stage only."""
         ...
 
+    def kernel_times(self) -> list[KernelTime]:
+        """Every node run since load, for `bench --profile`, where the backend was loaded to profile
+        (onnxruntime: `profile_dir`)."""
+        ...
+
 
 def _ort(package_dir: Path, manifest: Manifest, **options: Any) -> Backend:
     from dync.runtime.backends.ort import OrtBackend

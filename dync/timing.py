@@ -53,6 +53,7 @@ def median_times(
 
 
 def onnx_session(model: onnx.ModelProto | str | Path, settings: OrtSettings | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a model to time (or its file), under `settings` or, by default, the
-    settings `dync.load` gives a package."""
-    return session_from_onnx(model, settings or OrtSettings())
+    """An onnxruntime CPU session for a model to time (or its file, with the external data torch.onnx may
+    write beside it), under `settings` or, by default, the settings `dync.load` gives a package."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
+    return session_from_onnx(proto, settings or OrtSettings())

@@ -56,9 +56,8 @@ class OneGraph:
                  prepare: Callable[[onnx.ModelProto, int | None], onnx.ModelProto] = lambda model, batch:
                  decompose_custom_nodes(model)) -> None:
         """`prepare(stage, batch)` turns each later stage's graph into the form embedded in a branch, for a
-        batch of one (1) or any batch (None): with its `dync::` nodes decomposed, at least, and for a backend
-        whose graph optimizer does not reach into `If` branches, optimized first. The first stage stays at the
-        top level, as it is in the package."""
+        batch of one (1) or any batch (None): with its `dync::` nodes decomposed, at least. The first stage
+        stays at the top level, as it is in the package."""
         assert one_graph_applies(manifest)
         self.manifest = manifest
         self.prepare = prepare

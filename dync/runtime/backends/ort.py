@@ -98,13 +98,15 @@ _session_numbers = itertools.count()
 
 
 def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings, spinning: bool = True,
-                      label: str = "session") -> ort.InferenceSession:
+                      label: str = "session", optimize_branches: bool = True) -> ort.InferenceSession:
     """A CPU session for a model (or its file) under `settings`, explicit options only (never ort's defaults);
     `spinning=False` for a session that runs in turn with others (see the module docstring).
 
     A file is handed to onnxruntime as bytes, never as a path, so that a stage cannot make it read files
     outside the package through external-data references; a file onnxruntime refuses is a PackageError."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else Path(model).read_bytes()
+    if optimize_branches and settings.optimization == "all":
+        source = _with_optimized_branches(source, settings)
     try:
         return ort.InferenceSession(source, settings.session_options(spinning, label),
                                     providers=["CPUExecutionProvider"])
@@ -118,12 +120,8 @@ def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings
 
 
 def optimized_for_this_machine(model: onnx.ModelProto, settings: OrtSettings) -> onnx.ModelProto:
-    """`model` as onnxruntime optimizes it for this CPU, with its layout transforms (NCHWc convolutions) in.
-
-    onnxruntime applies those transforms to a graph's top level only, not inside an `If` branch, where plain
-    NCHW convolutions ran 1.5x slower on the stages of an early-exit model; so the branches of the one-graph
-    executor hold graphs optimized here first. What this writes is specific to this machine and is never
-    stored in a package."""
+    """`model` as onnxruntime optimizes it for this CPU, with its layout transforms (NCHWc convolutions) in;
+    specific to this machine, so never stored in a package."""
     with tempfile.TemporaryDirectory(prefix="dync-optimized-") as scratch:
         options = settings.session_options(spinning=False)
         options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
@@ -132,10 +130,103 @@ def optimized_for_this_machine(model: onnx.ModelProto, settings: OrtSettings) ->
         return onnx.load(options.optimized_model_filepath)
 
 
+def _with_optimized_branches(source: bytes, settings: OrtSettings) -> bytes:
+    """The model with every `If` branch replaced by the branch as onnxruntime optimizes it on its own.
+
+    onnxruntime applies its layout transforms (NCHWc convolutions) and the fusions that follow them to a
+    graph's top level only: inside an `If` branch (a spatial block's dense fallback, a stage of the one-graph
+    executor) convolutions ran as plain NCHW, 1.2-1.5x slower. So each branch, deepest first, becomes a
+    model of its own (the outer tensors it reads as inputs, typed by shape inference; the weights it reads
+    as initializers), which onnxruntime optimizes here and which then goes back in its place. A branch
+    reading an outer tensor whose type cannot be inferred stays as it is."""
+    if b"If" not in source:
+        return source
+    model = onnx.load_from_string(source)
+    if not _has_branches(model.graph):
+        return source
+    graphs = _all_graphs(onnx.shape_inference.infer_shapes(model).graph)
+    types = {v.name: v for graph in graphs for v in [*graph.value_info, *graph.input, *graph.output]}
+    weights = {t.name: t for graph in _all_graphs(model.graph) for t in graph.initializer}
+    _optimize_branches(model, model.graph, types, weights, settings)
+    used = {name for node in _all_nodes(model.graph) for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model.SerializeToString()
+
+
+def _has_branches(graph: onnx.GraphProto) -> bool:
+    return any(node.op_type == "If" for node in graph.node)
+
+
+def _all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    graphs = [graph]
+    for node in graph.node:
+        for attribute in node.attribute:
+            for branch in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                graphs += _all_graphs(branch)
+    return graphs
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            for branch in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                nodes += _all_nodes(branch)
+    return nodes
+
+
+def _optimize_branches(model: onnx.ModelProto, graph: onnx.GraphProto, types: dict[str, onnx.ValueInfoProto],
+                       weights: dict[str, onnx.TensorProto], settings: OrtSettings) -> None:
+    for node in graph.node:
+        if node.op_type != "If":
+            continue
+        for attribute in node.attribute:
+            _optimize_branches(model, attribute.g, types, weights, settings)
+            optimized = _optimized_branch(model, attribute.g, types, weights, settings,
+                                          f"{node.name or node.output[0]}/{attribute.name}/")
+            if optimized is not None:
+                attribute.g.CopyFrom(optimized)
+
+
+def _optimized_branch(model: onnx.ModelProto, branch: onnx.GraphProto, types: dict[str, onnx.ValueInfoProto],
+                      weights: dict[str, onnx.TensorProto], settings: OrtSettings, prefix: str
+                      ) -> onnx.GraphProto | None:
+    """The branch optimized as a model of its own, its weights renamed under `prefix` (the optimizer names
+    what it creates alike in every model); None where an outer tensor it reads has no inferred type."""
+    inner = {name for node in _all_nodes(branch) for name in node.output} | {t.name for t in branch.initializer}
+    outer = sorted({name for node in _all_nodes(branch) for name in node.input if name and name not in inner})
+    read_weights = [weights[name] for name in outer if name in weights]
+    outer_values = [name for name in outer if name not in weights]
+    if any(name not in types or not types[name].type.HasField("tensor_type") for name in outer_values):
+        return None
+    standalone = onnx.helper.make_model(
+        onnx.helper.make_graph(list(branch.node), branch.name or "branch", [types[n] for n in outer_values],
+                               list(branch.output), [*branch.initializer, *read_weights]),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    optimized_model = optimized_for_this_machine(standalone, settings)
+    declared = {o.domain for o in model.opset_import}
+    model.opset_import.extend(o for o in optimized_model.opset_import if o.domain not in declared)
+    optimized = optimized_model.graph
+    outputs = {v.name for v in optimized.output}
+    renamed = {t.name: prefix + t.name for t in optimized.initializer if t.name not in outputs}
+    for tensor in optimized.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    for node in _all_nodes(optimized):
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    del optimized.input[:]
+    del optimized.value_info[:]
+    return optimized
+
+
 def _branch_stage(model: onnx.ModelProto, batch: int | None, settings: OrtSettings) -> onnx.ModelProto:
     """A later stage as a branch of the one-graph executor holds it: for one batch size, with its inputs' batch
     fixed (so that onnxruntime folds its shape arithmetic) and plugin nodes on their fast CPU path; for any
-    batch, with them decomposed; optimized for this machine either way."""
+    batch, with them decomposed; optimized here as a model of its own either way, where its inputs' types
+    are as the stage declares them (`_with_optimized_branches` would type them from shape inference on the
+    executor graph, which loses the channel counts after `Compress`, and with them the NCHWc layout)."""
     from dync.plugins.splice import decompose_custom_nodes, specialize_custom_nodes
 
     if batch is None:
@@ -155,19 +246,21 @@ class StageSession:
     """
 
     def __init__(self, model: onnx.ModelProto | Path, settings: OrtSettings, *, sees_request_batch: bool,
-                 spinning: bool, plugins: bool = True, label: str = "stage") -> None:
+                 spinning: bool, plugins: bool = True, label: str = "stage", optimize_branches: bool = True) -> None:
         """`spinning` for a graph that runs alone in a call; `plugins=False` promises a stage file without
-        `dync::` nodes (as its manifest says), which spares parsing it here; `label` names its profiles."""
+        `dync::` nodes (as its manifest says), which spares parsing it here; `label` names its profiles;
+        `optimize_branches=False` for a graph whose `If` branches hold graphs optimized already."""
         from dync.plugins.splice import custom_nodes, decompose_custom_nodes, has_fast_cpu_path
 
         self._settings = settings
         self._spinning = spinning
         self._label = label
+        self._optimize_branches = optimize_branches
         self._model = model
         graph = onnx.load(model, load_external_data=False) if isinstance(model, Path) and plugins else model
         has_plugins = isinstance(graph, onnx.ModelProto) and bool(custom_nodes(graph))
         self._dynamic = session_from_onnx(decompose_custom_nodes(graph) if has_plugins else model, settings, spinning,
-                                          label)
+                                          label, optimize_branches)
         fast_path = has_plugins and has_fast_cpu_path(graph)
         self._fixed_batch = settings.fixed_batches > 0 and (sees_request_batch or fast_path)
         self._by_batch: dict[int, ort.InferenceSession] = {}
@@ -205,14 +298,15 @@ class StageSession:
 
         graph = onnx.load(self._model, load_external_data=False) if isinstance(self._model, Path) else self._model
         self._by_batch[batch] = session_from_onnx(_with_batch(specialize_custom_nodes(graph, batch), batch),
-                                                  self._settings, self._spinning, f"{self._label}-batch{batch}")
+                                                  self._settings, self._spinning, f"{self._label}-batch{batch}",
+                                                  self._optimize_branches)
         return self._by_batch[batch]
 
 
 _STAGE_OF_NODE = re.compile(r"@(\d+)(?!\d)")
 """A node of the one-graph executor carries its stage's index (`dync.runtime.one_graph`)."""
 _EXIT_RULE_NODE = re.compile(r"^dync_")
-
+"""The one-graph executor's own nodes (exit rule, scatter, result) are named `dync_...`."""
 
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
 """Their profiled time is their branches' nodes, which are profiled too."""
@@ -300,7 +394,7 @@ class OrtBackend:
         if single_sample not in self._executors:
             self._executors[single_sample] = None if self._one_graph is None else StageSession(
                 self._one_graph.model(single_sample), self.settings, sees_request_batch=True, spinning=True,
-                label="one-graph")
+                label="one-graph", optimize_branches=False)
         return self._executors[single_sample]
 
     @cached_property

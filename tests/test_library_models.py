@@ -17,8 +17,8 @@ import pytest
 
 import dync
 from tests.helpers import assert_close, eager_outputs
-from zoo.library import build
 from zoo import random_input
+from zoo.library import build
 
 MIN_INPUT_DEPENDENCE = 0.01
 """Logits that barely change with the input would pass the comparison whatever the network computes."""

@@ -148,7 +148,7 @@ def time_shares(package: Path, x: Inputs, thresholds: Sequence[float] | None = N
                 **settings: Any) -> TimeShares:
     """Runs the package `runs` times (after one untimed run) on onnxruntime sessions that profile every node,
     with the package's thresholds unless given, and sums the kernel times."""
-    from dync.runtime.backends import EXIT_RULE
+    from dync.runtime.backends.kernels import EXIT_RULE
 
     with tempfile.TemporaryDirectory(prefix="dync-profile-") as scratch:
         engine = Engine.load(package, **settings, profile_dir=scratch)

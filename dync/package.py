@@ -332,3 +332,11 @@ def program_files(package_dir: Path, manifest: Manifest) -> dict[str, FileRecord
     paths = {s.onnx for s in manifest.stages}
     paths |= {s.exit.criterion_onnx for s in manifest.stages if s.exit.criterion_onnx is not None}
     return {path: file_record(Path(package_dir) / path) for path in sorted(paths)}
+
+
+def live_state(manifest: Manifest) -> list[set[str]]:
+    """After stage k, only tensors a later stage reads are kept (and compacted)."""
+    live = []
+    for k in range(len(manifest.stages)):
+        live.append({name for stage in manifest.stages[k + 1 :] for name in stage.reads})
+    return live

@@ -13,7 +13,7 @@ import dync
 from dync.bench import bench, spreading_thresholds, time_shares
 from dync.calib.thresholds import even_split_thresholds
 from dync.errors import InputError
-from dync.runtime.backends import EXIT_RULE
+from dync.runtime.backends.kernels import EXIT_RULE
 from dync.runtime.exit_rule import forcing_thresholds, max_softmax
 from dync.timing import median_times
 from tests.conftest import CliExport, Exported, invoke

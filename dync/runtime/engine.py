@@ -11,7 +11,7 @@ import numpy as np
 
 from dync.errors import InputError
 from dync.inputs import Inputs, batch_of, random_inputs
-from dync.package import Manifest, TensorSpec, load_manifest
+from dync.package import Manifest, TensorSpec, live_state, load_manifest
 from dync.runtime.backends import Backend, make_backend
 from dync.runtime.exit_rule import ExitCriteria, resolve_thresholds
 
@@ -244,11 +244,3 @@ class _Collected:
         per_exit = [self.arrays.get(k, np.zeros((self.batch, *e.shape[1:]), dtype=np.float32))
                     for k, e in enumerate(self.manifest.exits)]
         return RunResult(exit=exits, per_exit=per_exit)
-
-
-def live_state(manifest: Manifest) -> list[set[str]]:
-    """After stage k, only tensors a later stage reads are kept (and compacted)."""
-    live = []
-    for k in range(len(manifest.stages)):
-        live.append({name for stage in manifest.stages[k + 1 :] for name in stage.reads})
-    return live

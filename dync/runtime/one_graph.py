@@ -27,9 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dync.package import Manifest
+from dync.package import Manifest, live_state
 from dync.plugins.splice import decompose_custom_nodes
-from dync.runtime.engine import live_state
 
 THRESHOLDS = "dync_thresholds"
 """The graph input holding the K-1 thresholds (float32)."""

@@ -9,24 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from dync.errors import InputError
 from dync.package import Manifest, StageSpec
-
-EXIT_RULE = "exit rule"
-"""`KernelTime.stage` of the nodes that decide exits and compact the batch inside a one-graph executor."""
-
-
-class KernelTime(NamedTuple):
-    """One node's run inside a backend: its stage index (or `EXIT_RULE`), op type, node name and seconds."""
-
-    stage: int | str
-    op_type: str
-    node: str
-    seconds: float
+from dync.runtime.backends.kernels import KernelTime
 
 
 class Backend(Protocol):

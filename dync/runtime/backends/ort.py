@@ -34,7 +34,7 @@ import onnxruntime as ort
 from dync.errors import InputError, PackageError
 from dync.inputs import batch_of
 from dync.package import Manifest, StageSpec
-from dync.runtime.backends import EXIT_RULE, KernelTime
+from dync.runtime.backends.kernels import EXIT_RULE, KernelTime
 from dync.runtime.one_graph import EXIT, OUTPUT, THRESHOLDS, OneGraph, one_graph_applies, thresholds_feed
 
 ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,

@@ -1,14 +1,14 @@
 """Side-by-side timing: variants measured in alternating blocks of calls, medians after warm-up; and the
 sessions that candidates timed as ONNX models run in.
 
-Each round runs every variant in turn for one block: untimed calls first (`OPENING_SECONDS`), then the timed
-calls. The untimed calls absorb what the variant before left behind: onnxruntime thread pools still
+Each round runs every variant in turn for one block: untimed calls first (`OPENING_SECONDS`), then the
+timed calls. The untimed calls absorb what the variant before left behind: onnxruntime thread pools still
 spin-waiting after their last run take the cores from whatever runs next, so timing two sessions call by
-call in alternation charges each with the other's spinning (it made dync look up to 30% slower than a plain session). Alternating blocks
-keep the slow drift of a shared, noisy machine hitting every variant alike, so the ratios between variants
-stay meaningful even when absolute times do not. Candidates (an exporter pass's two forms of a block, a
-benchmark's plain export) are timed under dync's session settings, so that what decides or is compared is
-what a package runs with.
+call in alternation charges each with the other's spinning (it made dync look up to 30% slower than a
+plain session). Alternating blocks keep the slow drift of a shared, noisy machine hitting every variant
+alike, so the ratios between variants stay meaningful even when absolute times do not. Candidates (an
+exporter pass's two forms of a block, a benchmark's plain export) are timed under dync's session settings,
+so that what decides or is compared is what a package runs with.
 """
 
 from __future__ import annotations

@@ -4,12 +4,14 @@ static full model; and the sessions the timing module gives candidates."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 import dync
 from dync.errors import InputError
-from dync.runtime.backends.ort import OrtSettings, StageSession
+from dync.runtime.backends.ort import OrtSettings, StageSession, _with_optimized_branches, session_from_onnx
 from dync.timing import onnx_session
 from tests.conftest import Exported
 from tests.helpers import assert_close, eager_outputs
@@ -81,3 +83,37 @@ def test_timing_sessions_use_dync_settings(single_exit: Exported) -> None:
     session = onnx_session(stage, OrtSettings(threads=1, optimization="basic"))
     assert session.get_session_options().intra_op_num_threads == 1
     assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+def _conv_in_branches() -> onnx.ModelProto:
+    """If(flag) -> relu(conv(x)) else conv(x): onnxruntime optimizes neither branch itself."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32), "weight")
+    def branch(name: str, relu: bool) -> onnx.GraphProto:
+        nodes = [helper.make_node("Conv", ["x", "weight"], [f"{name}_conv"], pads=[1, 1, 1, 1])]
+        if relu:
+            nodes.append(helper.make_node("Relu", [f"{name}_conv"], [f"{name}_out"]))
+        out = f"{name}_out" if relu else f"{name}_conv"
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=branch("relu", True), else_branch=branch("plain", False))],
+        "branches",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 8, 8]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_if_branches_are_optimized_as_models_of_their_own_and_compute_the_same() -> None:
+    model = _conv_in_branches()
+    rewritten = onnx.load_from_string(_with_optimized_branches(model.SerializeToString(), OrtSettings()))
+    for branch in (a.g for a in rewritten.graph.node[0].attribute):
+        convs = [node for node in branch.node if "Conv" in node.op_type]
+        assert convs and all(node.domain.startswith("com.microsoft") for node in convs), \
+            f"branch {branch.name}: the convolutions should be onnxruntime's optimized ones, got {convs}"
+    optimized = session_from_onnx(model, OrtSettings())
+    plain = session_from_onnx(model, OrtSettings(), optimize_branches=False)
+    x = np.random.default_rng(1).standard_normal((2, 16, 8, 8)).astype(np.float32)
+    for flag in (True, False):
+        feeds = {"x": x, "flag": np.array(flag)}
+        assert_close(optimized.run(None, feeds)[0], plain.run(None, feeds)[0], what=f"branch {flag}")

@@ -33,10 +33,12 @@ keeps spinning for milliseconds after its run, longer than one call of a small m
 
 
 def median_times(
-    variants: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2
+    variants: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2,
+    opening_seconds: float = OPENING_SECONDS,
 ) -> dict[str, float]:
     """Median seconds per call of each variant over `repeats` timed calls, in alternating blocks of `BLOCK`
-    (the last block shorter), each opened by untimed calls, after `warmup` untimed calls of each."""
+    (the last block shorter), each opened by untimed calls for `opening_seconds` (at least one call), after
+    `warmup` untimed calls of each."""
     if repeats < 1:
         raise InputError(f"repeats {repeats} must be at least 1 (the number of timed calls); ask for 1 or more.")
     if warmup < 0:
@@ -47,7 +49,7 @@ def median_times(
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for block in range(math.ceil(repeats / BLOCK)):
         for name, fn in variants.items():
-            _open_block(fn)
+            _open_block(fn, opening_seconds)
             for _ in range(min(BLOCK, repeats - block * BLOCK)):
                 start = time.perf_counter()
                 fn()
@@ -55,10 +57,10 @@ def median_times(
     return {name: float(np.median(times)) for name, times in samples.items()}
 
 
-def _open_block(fn: Callable[[], object]) -> None:
+def _open_block(fn: Callable[[], object], seconds: float) -> None:
     start = time.perf_counter()
     fn()
-    while time.perf_counter() - start < OPENING_SECONDS:
+    while time.perf_counter() - start < seconds:
         fn()
 
 

@@ -74,10 +74,10 @@ def test_cli_bench_with_no_rounds_is_one_error_line(cli_export: CliExport) -> No
     assert "Traceback" not in result.output and not result.stdout
 
 
-def test_median_times_alternates_blocks_each_opened_by_an_untimed_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dync.timing.OPENING_SECONDS", 0.0)  # one untimed call per block, whatever the clock
+def test_median_times_alternates_blocks_each_opened_by_an_untimed_call() -> None:
     order: list[str] = []
-    median_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=7, warmup=1)
+    median_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=7, warmup=1,
+                 opening_seconds=0.0)  # one untimed call per block, whatever the clock
     # warm-up a, b; then blocks of 1 untimed + 5 timed calls, the last block 1 + 2
     assert "".join(order) == "ab" + "a" * 6 + "b" * 6 + "a" * 3 + "b" * 3
 

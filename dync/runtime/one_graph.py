@@ -219,15 +219,19 @@ def _renamed(node: onnx.NodeProto, rename: Callable[[str], str], k: int) -> onnx
     return copy
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node holds in its attributes (an `If`'s branches, a `Loop`'s body)."""
+    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else list(a.graphs))]
+
+
 def _name_nodes(graph: onnx.GraphProto) -> None:
     """Names the executor's own nodes after their first output (`dync_exit{k}_...`), so that a profile tells
     them from the stages' nodes, which carry `@k`."""
     for node in graph.node:
         if not node.name:
             node.name = node.output[0]
-        for attribute in node.attribute:
-            for branch in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                _name_nodes(branch)
+        for branch in subgraphs(node):
+            _name_nodes(branch)
 
 
 def _renamed_tensor(tensor: TensorProto, rename: Callable[[str], str]) -> TensorProto:
@@ -240,9 +244,8 @@ def _renamed_tensor(tensor: TensorProto, rename: Callable[[str], str]) -> Tensor
 def _rename_node(node: onnx.NodeProto, rename: Callable[[str], str]) -> None:
     node.input[:] = [rename(name) for name in node.input]
     node.output[:] = [rename(name) for name in node.output]
-    for attribute in node.attribute:
-        for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            _rename_graph(graph, rename)
+    for graph in subgraphs(node):
+        _rename_graph(graph, rename)
 
 
 def _rename_graph(graph: onnx.GraphProto, rename: Callable[[str], str]) -> None:

@@ -35,7 +35,7 @@ from dync.errors import InputError, PackageError
 from dync.inputs import batch_of
 from dync.package import Manifest, StageSpec
 from dync.runtime.backends.kernels import EXIT_RULE, KernelTime
-from dync.runtime.one_graph import EXIT, OUTPUT, THRESHOLDS, OneGraph, one_graph_applies, thresholds_feed
+from dync.runtime.one_graph import EXIT, OUTPUT, THRESHOLDS, OneGraph, one_graph_applies, subgraphs, thresholds_feed
 
 ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
               ort.capi.onnxruntime_pybind11_state.RuntimeException,
@@ -162,9 +162,8 @@ def _has_branches(graph: onnx.GraphProto) -> bool:
 def _all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     graphs = [graph]
     for node in graph.node:
-        for attribute in node.attribute:
-            for branch in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                graphs += _all_graphs(branch)
+        for branch in subgraphs(node):
+            graphs += _all_graphs(branch)
     return graphs
 
 
@@ -172,9 +171,8 @@ def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     nodes = []
     for node in graph.node:
         nodes.append(node)
-        for attribute in node.attribute:
-            for branch in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                nodes += _all_nodes(branch)
+        for branch in subgraphs(node):
+            nodes += _all_nodes(branch)
     return nodes
 
 

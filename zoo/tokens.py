@@ -185,6 +185,17 @@ class DispatchBlock(Block):
         self.gate = nn.Linear(dim, 1)
         self.gate_kind = gate
 
+    always_kept = 0
+    """Leading tokens that run the MLP whatever the gate says (none here)."""
+
+    @property
+    def gate_layer(self) -> nn.Linear:
+        return self.gate
+
+    def keeps(self, logits: Tensor) -> Tensor:
+        """Which gated tokens run the MLP, from the gate's logits (a soft gate skips none)."""
+        return logits >= 0 if self.gate_kind == "hard" else torch.ones_like(logits, dtype=torch.bool)
+
     def mask(self, x: Tensor) -> Tensor:
         logit = self.gate(x)
         return (logit >= 0).float() if self.gate_kind == "hard" else torch.sigmoid(logit)
@@ -211,17 +222,17 @@ class DyTLike(nn.Module):
 
 
 @torch.no_grad()
-def set_kept_fraction(model: DyTLike, fraction: float, images: Tensor) -> None:
-    """Shift each block's gate bias so that about `fraction` of the tokens of `images` run its MLP.
+def set_kept_fraction(model: nn.Module, fraction: float, images: Tensor) -> None:
+    """Shift each gate's bias so that about `fraction` of the gated tokens of `images` run its block's MLP.
 
-    0 and 1 are exact (bias -inf and +inf). Otherwise the logits' zero lies in the widest gap between sorted
-    gate logits near the target rank, so onnxruntime's last-bit differences cannot flip a token.
+    Works on any model whose gated blocks have a `gate_layer` (DyTLike, DynamicTuningViT), block by block in
+    order, since a block's bias moves what later gates see. 0 and 1 are exact (bias -inf and +inf).
+    Otherwise the logits' zero lies in the widest gap between sorted gate logits near the target rank, so
+    onnxruntime's last-bit differences cannot flip a token.
     """
-    x = model.trunk.tokens(images)
-    for block in model.blocks:
-        logits = block.gate(x + block.attn(block.norm1(x))).flatten()
-        block.gate.bias.copy_(block.gate.bias - _threshold_for(logits, fraction))
-        x = block(x)
+    for block in _gated_blocks(model):
+        logits = _gate_logits(model, images)[block]
+        block.gate_layer.bias.copy_(block.gate_layer.bias - _threshold_for(logits.flatten(), fraction))
 
 
 def _threshold_for(logits: Tensor, fraction: float) -> float:
@@ -237,14 +248,192 @@ def _threshold_for(logits: Tensor, fraction: float) -> float:
 
 
 @torch.no_grad()
-def mlp_kept_fractions(model: DyTLike, images: Tensor) -> list[Tensor]:
-    """Per block, the fraction of each sample's tokens that run the MLP `[B]`."""
+def mlp_kept_fractions(model: nn.Module, images: Tensor) -> list[Tensor]:
+    """Per gated block, the fraction of each sample's tokens that run the MLP `[B]` (always-kept ones count)."""
     fractions = []
-    x = model.trunk.tokens(images)
-    for block in model.blocks:
-        fractions.append(block.mask(x + block.attn(block.norm1(x))).mean(dim=(1, 2)))
-        x = block(x)
+    for block, logits in _gate_logits(model, images).items():
+        kept = block.keeps(logits).flatten(1).sum(1) + block.always_kept
+        fractions.append(kept / (logits[0].numel() + block.always_kept))
     return fractions
+
+
+def _gated_blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "gate_layer")]
+
+
+def _gate_logits(model: nn.Module, images: Tensor) -> dict[nn.Module, Tensor]:
+    """Each gated block's gate logits `[B, tokens gated, 1]` in one forward of `model` on `images`."""
+    logits: dict[nn.Module, Tensor] = {}
+    hooks = [block.gate_layer.register_forward_hook(lambda _, __, out, block=block: logits.setdefault(block, out))
+             for block in _gated_blocks(model)]
+    try:
+        model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits
+
+
+# --------------------------------------------------------------------------- #
+# As their authors wrote them (idioms kept, code not copied)
+# --------------------------------------------------------------------------- #
+
+
+def flat_index_select(x: Tensor, idx: Tensor) -> Tensor:
+    """raoyongming/DynamicViT's `batch_index_select` on `[B, N, C]`: rows by flat offsets over the batch."""
+    B, N, C = x.size()
+    N_new = idx.size(1)
+    offset = torch.arange(B, dtype=torch.long, device=x.device).view(B, 1) * N
+    idx = idx + offset
+    return x.reshape(B * N, C)[idx.reshape(-1)].reshape(B, N_new, C)
+
+
+class PolicyPredictor(nn.Module):
+    """DynamicViT's `PredictorLG`: the global half is a mean weighted by the previous decision (the policy)."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.out_conv = nn.Sequential(nn.Linear(embed_dim, embed_dim // 2), nn.GELU(),
+                                      nn.Linear(embed_dim // 2, embed_dim // 4), nn.GELU(),
+                                      nn.Linear(embed_dim // 4, 2), nn.LogSoftmax(dim=-1))
+
+    def forward(self, x: Tensor, policy: Tensor) -> Tensor:
+        x = self.in_conv(x)
+        B, N, C = x.size()
+        local_x = x[:, :, :C // 2]
+        global_x = (x[:, :, C // 2:] * policy).sum(dim=1, keepdim=True) / torch.sum(policy, dim=1, keepdim=True)
+        x = torch.cat([local_x, global_x.expand(B, N, C // 2)], dim=-1)
+        return self.out_conv(x)
+
+
+class DiffPruningViT(nn.Module):
+    """raoyongming/DynamicViT's `VisionTransformerDiffPruning`, eval path, in its idioms.
+
+    A literal initial token count (`init_n = 14 * 14` there; the patch count here), `int(init_n * ratio)`
+    tokens kept by `argsort(descending=True)[:, :k]` of score column 0, the class token as a zeros index
+    prepended to `keep + 1`, rows selected with flat offsets over the batch, the previous decision carried
+    through the same select into the next predictor's weighted mean, and `x.shape[0]` read as `B` once.
+    """
+
+    def __init__(self, image: int = 32, patch: int = 4, dim: int = 64, depth: int = 6, heads: int = 4,
+                 pruning_loc: Sequence[int] = (2, 4), token_ratio: Sequence[float] = (0.7, 0.49),
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        self.trunk = ViTTrunk(image, patch, dim, num_classes)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.pruning_loc = list(pruning_loc)
+        self.token_ratio = list(token_ratio)
+        self.score_predictor = nn.ModuleList(PolicyPredictor(dim) for _ in pruning_loc)
+        self.init_n = self.trunk.patches
+
+    def forward(self, x: Tensor) -> Tensor:
+        B = x.shape[0]
+        x = self.trunk.tokens(x)
+        p_count = 0
+        init_n = self.init_n
+        prev_decision = torch.ones(B, init_n, 1, dtype=x.dtype, device=x.device)
+        for i, blk in enumerate(self.blocks):
+            if i in self.pruning_loc:
+                spatial_x = x[:, 1:]
+                pred_score = self.score_predictor[p_count](spatial_x, prev_decision).reshape(B, -1, 2)
+                score = pred_score[:, :, 0]
+                num_keep_node = int(init_n * self.token_ratio[p_count])
+                keep_policy = torch.argsort(score, dim=1, descending=True)[:, :num_keep_node]
+                cls_policy = torch.zeros(B, 1, dtype=keep_policy.dtype, device=keep_policy.device)
+                now_policy = torch.cat([cls_policy, keep_policy + 1], dim=1)
+                x = flat_index_select(x, now_policy)
+                prev_decision = flat_index_select(prev_decision, keep_policy)
+                x = blk(x)
+                p_count += 1
+            else:
+                x = blk(x)
+        return self.trunk.logits(x)
+
+
+class TokenSelect(nn.Module):
+    """DyT's router: `zeros_like(logits).masked_fill(logits.sigmoid() > threshold, 1.0)` on the patch tokens,
+    with a `new_ones` column for the class token, which therefore always runs the MLP."""
+
+    def __init__(self, dim_in: int, num_sub_layer: int = 1, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.mlp_head = nn.Linear(dim_in, num_sub_layer)
+        self.threshold = threshold
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, _tokens = x.shape[:2]
+        logits = self.mlp_head(x[:, 1:, :])
+        y_hard = torch.zeros_like(logits, memory_format=torch.legacy_contiguous_format).masked_fill(
+            logits.sigmoid() > self.threshold, 1.0)
+        token_select = torch.cat([y_hard.new_ones(b, 1, 1), y_hard], dim=1)
+        return token_select, logits
+
+
+class Adapter(nn.Module):
+    """DyT's parallel bottleneck adapter: down projection, ReLU, up projection, times a float scalar."""
+
+    def __init__(self, dim: int, bottleneck: int, scale: float = 0.1) -> None:
+        super().__init__()
+        self.down_proj = nn.Linear(dim, bottleneck)
+        self.non_linear_func = nn.ReLU()
+        self.up_proj = nn.Linear(bottleneck, dim)
+        self.scale = float(scale)
+
+    def forward(self, x: Tensor, add_residual: bool = True, residual: Tensor | None = None) -> Tensor:
+        residual = x if residual is None else residual
+        up = self.up_proj(self.non_linear_func(self.down_proj(x))) * self.scale
+        return up + residual if add_residual else up
+
+
+class TuningBlock(Block):
+    """DyT's block: `x = residual + sub_token_select * mlp_x + adapt_x`, returning `(x, dict(...))`."""
+
+    always_kept = 1
+    """The class token's `new_ones` column."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, bottleneck: int = 8) -> None:
+        super().__init__(dim, heads, mlp_ratio)
+        self.adaptmlp = Adapter(dim, bottleneck)
+        self.mlp_token_select = TokenSelect(dim)
+
+    @property
+    def gate_layer(self) -> nn.Linear:
+        return self.mlp_token_select.mlp_head
+
+    def keeps(self, logits: Tensor) -> Tensor:
+        return logits.sigmoid() > self.mlp_token_select.threshold
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # type: ignore[override]
+        x = x + self.attn(self.norm1(x))
+        sub_token_select, token_logits = self.mlp_token_select(x)
+        adapt_x = self.adaptmlp(x, add_residual=False)
+        residual = x
+        mlp_x = self.mlp(self.norm2(x))
+        mlp_x = sub_token_select * mlp_x
+        x = residual + mlp_x + adapt_x
+        return x, dict(sub_token_select=sub_token_select, token_logits=token_logits)
+
+
+class DynamicTuningViT(nn.Module):
+    """NUS-HPC-AI-Lab/Dynamic-Tuning's `VisionTransformer` forward: returns `(logits, dict(token_select=...,
+    token_logits=...))`, the per-block decisions stacked on dim 1 with the class token's column dropped."""
+
+    def __init__(self, image: int = 32, patch: int = 4, dim: int = 64, depth: int = 3, heads: int = 4,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        self.trunk = ViTTrunk(image, patch, dim, num_classes)
+        self.blocks = nn.ModuleList(TuningBlock(dim, heads) for _ in range(depth))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        x = self.trunk.tokens(x)
+        token_select_list, token_logits_list = [], []
+        for blk in self.blocks:
+            x, token_select = blk(x)
+            token_select_list.append(token_select["sub_token_select"])
+            token_logits_list.append(token_select["token_logits"])
+        token_select = torch.stack(token_select_list, dim=1)[:, :, 1:, :]
+        token_logits = torch.stack(token_logits_list, dim=1)
+        return self.trunk.logits(x), dict(token_select=token_select, token_logits=token_logits)
 
 
 # --------------------------------------------------------------------------- #
@@ -268,10 +457,23 @@ def dyt_tiny() -> nn.Module:
     return DyTLike().eval()
 
 
+def diff_pruning_tiny() -> nn.Module:
+    """DynamicViT as its authors wrote it: six blocks at width 64, 70% then 49% of 64 patches kept."""
+    return DiffPruningViT().eval()
+
+
+def dynamic_tuning_tiny() -> nn.Module:
+    """DyT as its authors wrote it: three blocks at width 64 returning `(logits, dict of decisions)`."""
+    return DynamicTuningViT().eval()
+
+
 TOKENS_ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "dynamic_vit_tiny": (dynamic_vit_tiny, (2, 3, 32, 32)),
     "dynamic_vit_flat_tiny": (dynamic_vit_flat_tiny, (2, 3, 32, 32)),
     "dyt_tiny": (dyt_tiny, (2, 3, 32, 32)),
+    "diff_pruning_tiny": (diff_pruning_tiny, (2, 3, 32, 32)),
+    "dynamic_tuning_tiny": (dynamic_tuning_tiny, (2, 3, 32, 32)),
 }
-"""name -> (factory returning an eval-mode model, example input shape); single tensor output."""
+"""name -> (factory returning an eval-mode model, example input shape). The look-alikes return the logits;
+the as-published ones return what their authors' forwards return (DyT: a tuple with a dict of masks)."""
 

@@ -70,9 +70,19 @@ class Gated(nn.Module):
         self.swap = swap
 
     def forward(self, x: Tensor) -> Tensor:
-        logit = self.gate(x)
-        mask = torch.sigmoid(logit) if self.kind == "soft" else (logit >= 0).float()
+        mask = self._mask(self.gate(x))
         return mask * self.mlp(x) + x if self.swap else x + self.mlp(x) * mask
+
+    def _mask(self, logit: Tensor) -> Tensor:
+        """hard: a bool cast; soft: a sigmoid; masked_fill[_half]: DyT's router, zeros filled with 1.0 (0.5)
+        where the sigmoid exceeds 0.5, the first token's row forced to ones."""
+        if self.kind == "soft":
+            return torch.sigmoid(logit)
+        if self.kind.startswith("masked_fill"):
+            fill = 0.5 if self.kind.endswith("half") else 1.0
+            routed = torch.zeros_like(logit[:, 1:]).masked_fill(logit[:, 1:].sigmoid() > 0.5, fill)
+            return torch.cat([routed.new_ones(logit.shape[0], 1, 1), routed], dim=1)
+        return (logit >= 0).float()
 
 
 class SwiGLU(nn.Module):
@@ -110,6 +120,8 @@ GATED: dict[str, tuple[Callable[[], nn.Module], str | None]] = {
     "swiglu": (lambda: Gated(SwiGLU(TOKENS[1])), None),
     "swapped_operands": (lambda: Gated(_relu_mlp(TOKENS[1]), swap=True), None),
     "soft_gate": (lambda: Gated(_relu_mlp(TOKENS[1]), gate="soft"), "not provably binary"),
+    "masked_fill_router": (lambda: Gated(_relu_mlp(TOKENS[1]), gate="masked_fill"), None),
+    "masked_fill_half": (lambda: Gated(_relu_mlp(TOKENS[1]), gate="masked_fill_half"), "not provably binary"),
     "mixing_before_fc2": (lambda: Gated(TokenMixing(TOKENS[1], at_output=False)), None),
     "mixing_at_output": (lambda: Gated(TokenMixing(TOKENS[1], at_output=True)), "not row-wise"),
 }
@@ -277,3 +289,40 @@ def test_pruning_exports_exact_with_dynamic_batch(tmp_path: Path) -> None:
         x = random_input(shape[1:], batch, seed=batch)
         assert_close(engine.run(x).logits, eager_outputs(model, x)[0], what=f"DynamicViT-like, batch {batch}")
     assert verify(engine, model, batch=3, record=False).passed
+
+
+# --------------------------------------------------------------------------- #
+# As their authors wrote them
+# --------------------------------------------------------------------------- #
+
+
+def test_published_dyt_dispatch_lowered_exact(tmp_path: Path) -> None:
+    """DyT's router (`masked_fill` of zeros, the class token's row forced to ones, a parallel adapter, blocks
+    returning `(x, dict)`): every dispatch lowered, the logits exact at every batch."""
+    factory, shape = TOKENS_ZOO["dynamic_tuning_tiny"]
+    torch.manual_seed(0)
+    model = factory()
+    set_kept_fraction(model, 0.4, torch.from_numpy(random_input(shape[1:], 3, seed=3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SpatialLoweringWarning)
+        engine = dync.load(dync.export(model, tmp_path / "dyt.dync", input_shape=shape))
+    assert _ops(onnx.load(engine.package_dir / engine.manifest.stages[0].onnx))["ScatterND"] == len(model.blocks)
+    for batch in BATCHES:
+        x = random_input(shape[1:], batch, seed=batch)
+        kept = mlp_kept_fractions(model, torch.from_numpy(x))
+        assert all(float(f.min()) > 0.0 and float(f.max()) < 1.0 for f in kept)
+        with torch.no_grad():
+            logits, _ = model(torch.from_numpy(x))
+        assert_close(engine.run(x).logits, logits.numpy(), what=f"DyT as published, batch {batch}")
+
+
+def test_published_dynamic_vit_pruning_exact(tmp_path: Path) -> None:
+    """DynamicViT's eval path: `int(init_n * ratio)` tokens by argsort, flat-offset selects, the previous
+    decision weighting the next predictor."""
+    factory, shape = TOKENS_ZOO["diff_pruning_tiny"]
+    torch.manual_seed(0)
+    model = factory()
+    engine = dync.load(dync.export(model, tmp_path / "dvit.dync", input_shape=shape))
+    for batch in BATCHES:
+        x = random_input(shape[1:], batch, seed=batch)
+        assert_close(engine.run(x).logits, eager_outputs(model, x)[0], what=f"DynamicViT as published, batch {batch}")

@@ -203,3 +203,36 @@ def binary_decision(mask: gs.Tensor) -> gs.Tensor:
             break
         tensor = node.inputs[0]
     raise Ineligible(f"mask {mask.name} is not provably binary (not a Cast of a bool tensor to float)")
+
+
+BINARY_PRESERVING = (*VALUE_PRESERVING, "Transpose", "Slice", "Gather", "GatherElements", "Cast")
+"""Ops whose output holds only values of their first input (Cast: of a tensor already known to be 0/1)."""
+BINARY_OF_BINARIES = ("Concat", "Mul", "Min", "Max", "And", "Or")
+"""Ops whose output is 0/1 when all their data inputs are."""
+
+
+def provably_binary(tensor: gs.Tensor, depth: int = 16) -> bool:
+    """Whether every value of `tensor` is 0 or 1 by construction: a bool cast, a 0/1 constant, `Where` between
+    0/1 values (`masked_fill` of zeros with 1.0), and 0/1 tensors joined, multiplied or rearranged.
+
+    Values are what matters here, not which bool they came from: DyT's mask is `cat([ones, zeros_like(l)
+    .masked_fill(c, 1.0)])`, which no single bool tensor is a Cast of.
+    """
+    values = constant(tensor)
+    if values is not None:
+        return bool(np.isin(values, (0, 1)).all())
+    node = producer(tensor)
+    if node is None or depth == 0:
+        return tensor.dtype == np.bool_
+    if node.op == "Cast" and node.inputs[0].dtype == np.bool_:
+        return True
+    if node.op in BINARY_PRESERVING or (node.op == "Resize" and node.attrs.get("mode", "nearest") == "nearest"):
+        return provably_binary(node.inputs[0], depth - 1)
+    if node.op == "Where":
+        return all(provably_binary(t, depth - 1) for t in node.inputs[1:])
+    if node.op in BINARY_OF_BINARIES:
+        return all(provably_binary(t, depth - 1) for t in node.inputs)
+    if node.op == "ConstantOfShape":
+        value = node.attrs.get("value")
+        return value is None or bool(np.isin(np.asarray(value.values), (0, 1)).all())
+    return False

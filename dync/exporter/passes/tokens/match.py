@@ -5,7 +5,8 @@ The rule (either operand order of Mul and Add)::
     Add(Mul(mlp(x), mask), residual)
 
 where `mask` is a provably binary float tensor with one value per token (`[..., 1]`, the leading dims those
-of `mlp(x)`): a Cast of a bool decision, through value-preserving ops; `residual` has the shape of
+of `mlp(x)`): a Cast of a bool decision or a `Where` between 0/1 values (`masked_fill`), joined, multiplied
+or reshaped (`provably_binary`); `residual` has the shape of
 `mlp(x)`; and `mlp` is a row-wise subgraph of the single tensor `x`: each output row depends only on the
 same row of `x` (MatMul/Gemm by a constant matrix, elementwise ops whose constants broadcast along the
 last axis only, LayerNormalization and Softmax over the last axis), with at least one MatMul or Gemm.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from dync.exporter.passes.spatial.match import Ineligible, binary_decision, masked_operands, no_reading_fits
+from dync.exporter.passes.spatial.match import Ineligible, masked_operands, no_reading_fits, provably_binary
 from dync.graph import constant, producer
 
 __all__ = ["Dispatch", "Ineligible", "Order", "candidates", "match"]
@@ -113,7 +114,9 @@ def _match_operands(add: gs.Node, mul: gs.Node, main: gs.Tensor, mask: gs.Tensor
         raise Ineligible(f"mask {mask.name} shape {mask.shape} is not one value per row of {main.name} {shape}")
     if _known_shape(residual, "the residual") != shape:
         raise Ineligible(f"residual {residual.name} shape {residual.shape} differs from the gated branch {shape}")
-    binary_decision(mask)
+    if not provably_binary(mask):
+        raise Ineligible(f"mask {mask.name} is not provably binary (not built from a bool tensor or 0/1 "
+                         "constants by casts, Where, Concat or reshapes)")
     _check_only_reader(main, mul, order)
     _check_only_reader(mul.outputs[0], add, order)
     mlp, source = _row_wise_mlp(main, order)

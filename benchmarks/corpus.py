@@ -73,13 +73,21 @@ def _dynamic_vit() -> torch.nn.Module:
     return DynamicViTLike(depth=12, **VIT_S, **PRUNING)
 
 
-def _dyt() -> torch.nn.Module:
-    from benchmarks.tokens import VIT_S
-    from zoo.tokens import DyTLike, set_kept_fraction
+def _diff_pruning() -> torch.nn.Module:
+    from benchmarks.tokens import diff_pruning
 
-    model = DyTLike(depth=12, **VIT_S).eval()
-    set_kept_fraction(model, 0.5, torch.randn(4, 3, VIT_S["image"], VIT_S["image"]))
-    return model
+    return diff_pruning(depth=12)
+
+
+def _dyt(published: bool) -> Callable[[], torch.nn.Module]:
+    def built() -> torch.nn.Module:
+        from benchmarks.tokens import VIT_S
+        from zoo.tokens import DynamicTuningViT, DyTLike, set_kept_fraction
+
+        model = (DynamicTuningViT if published else DyTLike)(depth=12, **VIT_S).eval()
+        set_kept_fraction(model, 0.5, torch.randn(4, 3, VIT_S["image"], VIT_S["image"]))
+        return model
+    return built
 
 
 def _agent_pvt() -> torch.nn.Module:
@@ -116,7 +124,9 @@ CASES = [
     Case("zoo LASNet-ResNet-50, 35% kept", _zoo(_lasnet), IMAGE),
     Case("zoo MSDNet-CIFAR, 7 exits", _zoo(_msdnet), (3, 32, 32), spread_thresholds=True),
     Case("zoo DynamicViT-S, top-k pruning", _zoo(_dynamic_vit), IMAGE),
-    Case("zoo DyT-S, 50% dispatch", _zoo(_dyt), IMAGE),
+    Case("zoo DynamicViT-S as published (argsort)", _zoo(_diff_pruning), IMAGE),
+    Case("zoo DyT-S, 50% dispatch", _zoo(_dyt(published=False)), IMAGE),
+    Case("zoo DyT-S as published, 50% dispatch", _zoo(_dyt(published=True)), IMAGE),
     Case("zoo Agent-PVT-Tiny", _zoo(_agent_pvt), IMAGE),
     Case("zoo ARC-ResNet, rotated convs", _zoo(_arc), (3, 64, 64)),
 ]

@@ -245,10 +245,11 @@ def _rename_node(node: onnx.NodeProto, rename: Callable[[str], str]) -> None:
     node.input[:] = [rename(name) for name in node.input]
     node.output[:] = [rename(name) for name in node.output]
     for graph in subgraphs(node):
-        _rename_graph(graph, rename)
+        rename_graph(graph, rename)
 
 
-def _rename_graph(graph: onnx.GraphProto, rename: Callable[[str], str]) -> None:
+def rename_graph(graph: onnx.GraphProto, rename: Callable[[str], str]) -> None:
+    """Every tensor name in `graph` (its values, weights and nodes, nested graphs too) through `rename`."""
     for value in [*graph.input, *graph.output, *graph.value_info]:
         value.name = rename(value.name)
     for tensor in graph.initializer:

@@ -35,7 +35,16 @@ from dync.errors import InputError, PackageError
 from dync.inputs import batch_of
 from dync.package import Manifest, StageSpec
 from dync.runtime.backends.kernels import EXIT_RULE, KernelTime
-from dync.runtime.one_graph import EXIT, OUTPUT, THRESHOLDS, OneGraph, one_graph_applies, subgraphs, thresholds_feed
+from dync.runtime.one_graph import (
+    EXIT,
+    OUTPUT,
+    THRESHOLDS,
+    OneGraph,
+    one_graph_applies,
+    rename_graph,
+    subgraphs,
+    thresholds_feed,
+)
 
 ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
               ort.capi.onnxruntime_pybind11_state.RuntimeException,
@@ -210,10 +219,7 @@ def _optimized_branch(model: onnx.ModelProto, branch: onnx.GraphProto, types: di
     optimized = optimized_model.graph
     outputs = {v.name for v in optimized.output}
     renamed = {t.name: prefix + t.name for t in optimized.initializer if t.name not in outputs}
-    for tensor in optimized.initializer:
-        tensor.name = renamed.get(tensor.name, tensor.name)
-    for node in _all_nodes(optimized):
-        node.input[:] = [renamed.get(name, name) for name in node.input]
+    rename_graph(optimized, lambda name: renamed.get(name, name))
     del optimized.input[:]
     del optimized.value_info[:]
     return optimized

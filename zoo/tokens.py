@@ -458,8 +458,9 @@ def dyt_tiny() -> nn.Module:
 
 
 def diff_pruning_tiny() -> nn.Module:
-    """DynamicViT as its authors wrote it: six blocks at width 64, 70% then 49% of 64 patches kept."""
-    return DiffPruningViT().eval()
+    """DynamicViT as its authors wrote it: four blocks at width 64, 70% then 49% of 64 patches kept before
+    blocks 1 and 3."""
+    return DiffPruningViT(depth=4, pruning_loc=(1, 3)).eval()
 
 
 def dynamic_tuning_tiny() -> nn.Module:

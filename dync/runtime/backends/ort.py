@@ -235,7 +235,7 @@ def _branch_stage(model: onnx.ModelProto, batch: int | None, settings: OrtSettin
 
     if batch is None:
         return optimized_for_this_machine(decompose_custom_nodes(model), settings)
-    return optimized_for_this_machine(_with_batch(specialize_custom_nodes(model, batch), batch), settings)
+    return optimized_for_this_machine(with_batch(specialize_custom_nodes(model, batch), batch), settings)
 
 
 class StageSession:
@@ -301,7 +301,7 @@ class StageSession:
         from dync.plugins.splice import specialize_custom_nodes
 
         graph = onnx.load(self._model, load_external_data=False) if isinstance(self._model, Path) else self._model
-        self._by_batch[batch] = session_from_onnx(_with_batch(specialize_custom_nodes(graph, batch), batch),
+        self._by_batch[batch] = session_from_onnx(with_batch(specialize_custom_nodes(graph, batch), batch),
                                                   self._settings, self._spinning, f"{self._label}-batch{batch}",
                                                   self._optimize_branches)
         return self._by_batch[batch]
@@ -341,7 +341,7 @@ def _kernel_times(profile: Path, stage: int | None) -> list[KernelTime]:
     return times
 
 
-def _with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+def with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     """A copy of `model` with its inputs' batch dim fixed, so onnxruntime folds the shape arithmetic that reads
     it; a copy, because a stage held in memory is specialized again for each batch size."""
     fixed = onnx.ModelProto()

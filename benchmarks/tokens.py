@@ -29,6 +29,7 @@ import copy
 import functools
 import shutil
 import tempfile
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,14 @@ def _error(engine: Engine, model: torch.nn.Module, x: np.ndarray) -> float:
         return float(np.abs(engine.run(x).logits - model(torch.from_numpy(x)).numpy()).max())
 
 
+def _print_rows(rows: Callable[[str, int, int, Path], list[str]], models: Collection[str],
+                args: argparse.Namespace, work: Path) -> None:
+    """Each model's rows as soon as they are measured, each model in a scratch directory of its own."""
+    for k, name in enumerate(models):
+        (work / str(k)).mkdir(parents=True)
+        print("\n".join(rows(name, args.depth, args.repeats, work / str(k))), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10)
@@ -179,15 +188,11 @@ def main() -> None:
         print("| model | batch | dync vs plain export | pruned vs ratio 1.0 | MACs ratio | of ideal "
               "| max abs diff vs eager |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
-        for k, name in enumerate(PRUNED):
-            (work / f"p{k}").mkdir()
-            print("\n".join(pruning_rows(name, args.depth, args.repeats, work / f"p{k}")), flush=True)
+        _print_rows(pruning_rows, PRUNED, args, work / "pruning")
         print("\n| model | batch | MLP kept | dync vs unlowered | dync vs dync at 100% | MACs ratio | of ideal "
               "(vs unlowered) | of ideal (vs 100%) |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for k, name in enumerate(DISPATCHED):
-            (work / f"d{k}").mkdir()
-            print("\n".join(dispatch_rows(name, args.depth, args.repeats, work / f"d{k}")), flush=True)
+        _print_rows(dispatch_rows, DISPATCHED, args, work / "dispatch")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from zoo.idioms import batch_index_select as batch_index_select_flat
+
 __all__ = [
     "TOKENS_ZOO",
     "DispatchBlock",
@@ -279,15 +281,6 @@ def _gate_logits(model: nn.Module, images: Tensor) -> dict[nn.Module, Tensor]:
 # --------------------------------------------------------------------------- #
 
 
-def flat_index_select(x: Tensor, idx: Tensor) -> Tensor:
-    """raoyongming/DynamicViT's `batch_index_select` on `[B, N, C]`: rows by flat offsets over the batch."""
-    B, N, C = x.size()
-    N_new = idx.size(1)
-    offset = torch.arange(B, dtype=torch.long, device=x.device).view(B, 1) * N
-    idx = idx + offset
-    return x.reshape(B * N, C)[idx.reshape(-1)].reshape(B, N_new, C)
-
-
 class PolicyPredictor(nn.Module):
     """DynamicViT's `PredictorLG`: the global half is a mean weighted by the previous decision (the policy)."""
 
@@ -342,8 +335,8 @@ class DiffPruningViT(nn.Module):
                 keep_policy = torch.argsort(score, dim=1, descending=True)[:, :num_keep_node]
                 cls_policy = torch.zeros(B, 1, dtype=keep_policy.dtype, device=keep_policy.device)
                 now_policy = torch.cat([cls_policy, keep_policy + 1], dim=1)
-                x = flat_index_select(x, now_policy)
-                prev_decision = flat_index_select(prev_decision, keep_policy)
+                x = batch_index_select_flat(x, now_policy)
+                prev_decision = batch_index_select_flat(prev_decision, keep_policy)
                 x = blk(x)
                 p_count += 1
             else:

@@ -137,6 +137,18 @@ class Builder:
                                   outputs=[output], domain=domain))
         return output
 
+    def ops(self, op: str, name: str, inputs: Sequence[gs.Tensor], count: int, *,
+            outs: Sequence[gs.Tensor] | None = None, domain: str | None = None, **attrs: Any) -> list[gs.Tensor]:
+        """One node with `count` outputs, named `name:0`, `name:1`, ... (or written to `outs`)."""
+        assert name not in self._names, f"node name {name} used twice under {self.prefix}"
+        self._names.add(name)
+        outputs = list(outs) if outs is not None else [gs.Variable(f"{self.prefix}{name}:{i}") for i in range(count)]
+        self.nodes.append(gs.Node(op=op, name=self.prefix + name, attrs=attrs, inputs=list(inputs), outputs=outputs,
+                                  domain=domain))
+        return outputs
+
     def const(self, name: str, value: Any, dtype: Any = np.int64) -> gs.Constant:
         """A named constant; integers default to int64, as ONNX index and shape inputs want."""
+        assert name not in self._names, f"constant name {name} used twice under {self.prefix}"
+        self._names.add(name)
         return gs.Constant(self.prefix + name, np.asarray(value, dtype=dtype))

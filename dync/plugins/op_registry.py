@@ -124,6 +124,12 @@ class OpRecord:
         return builder.op(self.name, name, inputs, out=output, domain=self.domain, plugin_version=self.version,
                           plugin_namespace=self.namespace, **attrs)
 
+    def emit_many(self, builder: Builder, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Tensor], *,
+                  name: str, **attrs: Any) -> list[gs.Tensor]:
+        """`emit` for an op with several outputs, written to `outputs`."""
+        return builder.ops(self.name, name, inputs, len(outputs), outs=outputs, domain=self.domain,
+                           plugin_version=self.version, plugin_namespace=self.namespace, **attrs)
+
     def check(self) -> None:
         """Invariants the registry checks when it is built, so that a mistake shows on any machine."""
         unknown = [d for d in self.dtypes if d not in DTYPES]

@@ -139,7 +139,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--spatial-crossover", callback=_parse_crossover, default="auto", show_default=True,
               help="Mask density above which a lowered block runs dense: 'auto' measures it per block here.")
 @click.option("--no-pass", "skip_passes", multiple=True, metavar="NAME",
-              help="Skip an exporter pass (spatial, tokens, attention); repeat for several.")
+              help="Skip an exporter pass (spatial, tokens, sparse_attention, attention); repeat for several.")
 @click.option("--force", is_flag=True, help="Replace an existing package at -o (its calibration is not kept).")
 @click.option("--trust-pickle", is_flag=True,
               help="Load a pickled MODEL (torch.save): unpickling runs code from the file (also DYNC_TRUST_PICKLE=1).")
@@ -149,10 +149,16 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--criterion", default="max_softmax", show_default=True, metavar="NAME|MODULE:FUNCTION",
               help="Exit confidence: max_softmax, entropy, margin, or a PyTorch function of logits [B, C] -> "
                    "confidence [B] in [0, 1] (its module on PYTHONPATH), exported into the package.")
+@click.option("--sparse-attention", "sparse_attention", metavar="SPEC",
+              help="Make every softmax attention block-sparse: tile:T=..,H=..,W=..,tile=AxBxC,window=AxBxC (a static "
+                   "3-D tile window over raster-order tokens) or meansim:cdf=..|topk=..[,sim=..][,block=128] (per "
+                   "input); add dense-until=0.3[,timestep=t][,t-max=1000] to keep early denoising steps dense.")
+@click.option("--attention-fp8", type=click.Choice(["off", "e4m3", "e5m2"]), default="off", show_default=True,
+              help="Round attention's Q, K (per tile) and V (per channel) to fp8; alone, dense fp8 attention.")
 def export(model: Path, output: Path, input_shape: list[int] | None, example: Path | None,
            outputs: list[str] | None, exits: list[int] | None, name: str | None, lower_spatial: bool, ops: str,
            spatial_crossover: float | None, skip_passes: tuple[str, ...], force: bool, trust_pickle: bool,
-           verify: bool, criterion: str) -> None:
+           verify: bool, criterion: str, sparse_attention: str | None, attention_fp8: str) -> None:
     """Export MODEL (torch.save'd module, TorchScript or .pt2) to a .dync package.
 
     A pickled module is loaded only with --trust-pickle: unpickling runs code from the file.
@@ -164,7 +170,7 @@ def export(model: Path, output: Path, input_shape: list[int] | None, example: Pa
         run_export(model, output, input_shape, exits=exits, name=name, progress=_progress,
                    lower_spatial=lower_spatial, ops=ops, spatial_crossover=spatial_crossover, skip_passes=skip_passes,
                    verify=verify, example=example, outputs=outputs, criterion=criterion, force=force,
-                   trust_pickle=trust_pickle)
+                   trust_pickle=trust_pickle, sparse_attention=sparse_attention, attention_fp8=attention_fp8)
     _print_summary(output)
 
 

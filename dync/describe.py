@@ -85,8 +85,10 @@ def format_description(manifest: Manifest) -> str:
         status = "passed" if verification.passed else "FAILED"
         if verification.files and verification.files != {path: f.sha256 for path, f in manifest.files.items()}:
             status += " on other files than the package holds now (run dync verify again)"
+        dense = "; block-sparse attention checked with every block listed, in float" \
+            if verification.dense_attention else ""
         lines.append(f"verification: {status} on {verification.checked} at batches {verification.batches} "
-                     f"(max abs error per exit {[f'{e:.2g}' for e in verification.max_abs_error]})")
+                     f"(max abs error per exit {[f'{e:.2g}' for e in verification.max_abs_error]}){dense}")
     else:
         lines.append("verification: not run (dync verify PKG --model MODEL)")
     return "\n".join(lines)

@@ -67,6 +67,10 @@ class TokenLoweringWarning(SpatialLoweringWarning):
     """A gated token MLP the token-dispatch pass found but left as it is; the message names the node and why."""
 
 
+class SparseAttentionWarning(UserWarning):
+    """A softmax attention that `--sparse-attention` leaves dense, and why."""
+
+
 class PassUndoneWarning(UserWarning):
     """An exporter pass changed a stage's outputs, so export took its rewrite of that stage back; the message
     names the pass, the stage and the error."""

@@ -157,6 +157,9 @@ class VerificationRecord:
     checked: str
     batches: list[int] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    dense_attention: bool = False
+    """The package has block-sparse attention and was checked with every mask listing every block, in float:
+    its plumbing is exact against eager; what the masks change is measured apart (see docs)."""
 
 
 @dataclass(frozen=True)
@@ -311,9 +314,37 @@ class AttentionRecord(PassRecord):
         return f"{'fused' if self.fused else 'unfused'}, {timing}"
 
 
+@dataclass(frozen=True)
+class SparseAttentionRecord(PassRecord):
+    """A softmax attention, named by its Softmax node: whether it runs as BlockSparseAttention, under which
+    mask rule, its queries and keys in blocks of `block_q` and `block_k`, the fraction of key blocks its mask
+    kept on the export example (`density`, over samples, heads and query blocks), fp8 or not, and why an
+    attention was left dense."""
+
+    SUMMARY: ClassVar[str] = "sparse attention: {applied} of {total} softmax attentions block-sparse"
+    APPLIED: ClassVar[str] = "sparse"
+    node: str
+    sparse: bool
+    rule: str
+    queries: int | None = None
+    keys: int | None = None
+    block_q: int | None = None
+    block_k: int | None = None
+    density: float | None = None
+    fp8: str = "off"
+    reason: str = ""
+
+    def detail(self) -> str | None:
+        if not self.sparse:
+            return f"dense, {self.reason}"
+        density = "" if self.density is None else f", density {self.density:.2f} on the example"
+        return f"{self.rule}; {self.queries} queries x {self.keys} keys in blocks of {self.block_q}{density}"
+
+
 PASS_RECORDS: dict[str, type[PassRecord]] = {
     "spatial": SpatialRecord,
     "tokens": TokenRecord,
+    "sparse_attention": SparseAttentionRecord,
     "attention": AttentionRecord,
 }
 """Each exporter pass's name (its manifest key and `--no-pass` name) and the record type it writes."""

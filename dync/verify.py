@@ -2,12 +2,15 @@
 
 Each exit is checked by forcing every sample to it (so every stage up to it runs on the full batch), then a
 mixed run with thresholds that spread the batch over all exits checks compaction: each sample's logits must
-equal what eager computes at the exit that sample took. The check itself is `dync.exporter.verification`,
+equal what eager computes at the exit that sample took. A package with block-sparse attention is checked
+with every mask listing every block, in float (its masks approximate eager by design; their error is measured
+apart). The check itself is `dync.exporter.verification`,
 which export also runs before it writes a package; this records its result in the package.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +18,14 @@ import numpy as np
 import torch
 
 from dync.exporter.loading import eval_mode, load_model
-from dync.exporter.verification import DEFAULT_ATOL, DEFAULT_RTOL, bound_to_files, check_package, disagreement
+from dync.exporter.verification import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    bound_to_files,
+    check_package,
+    dense_attention_copy,
+    disagreement,
+)
 from dync.package import write_manifest
 from dync.records import VerificationRecord
 from dync.runtime.engine import Engine
@@ -39,7 +49,10 @@ def verify(
     engine.check_input(x)
     if isinstance(model, (str, Path)):
         model = load_model(model, tuple(torch.from_numpy(a) for a in engine.input_feeds(x).values()), trust_pickle)
-    result = check_package(engine, eval_mode(model), [x], rtol=rtol, atol=atol, progress=progress)
+    with dense_attention_copy(engine.package_dir) as checked:
+        checking = engine if checked == engine.package_dir else Engine.load(checked)
+        result = check_package(checking, eval_mode(model), [x], rtol=rtol, atol=atol, progress=progress)
+    result = dataclasses.replace(result, dense_attention=checked != engine.package_dir)
     if record:
         engine.manifest.verification = bound_to_files(result, engine.manifest)
         write_manifest(engine.package_dir, engine.manifest)

@@ -25,12 +25,14 @@ from dync.exporter.example import Example, bind_example, random_example, read_ex
 from dync.exporter.loading import eval_mode, load_model
 from dync.exporter.partition import Stage, partition
 from dync.exporter.passes import FORMS, PASSES, Pass, PassContext
+from dync.exporter.passes.sparse_attention import SparseAttentionSpec, parse_sparse_attention
 from dync.exporter.passes.spatial import check_crossover
 from dync.exporter.probe import Probe, probe_graph
 from dync.exporter.verification import (
     StageCheck,
     bound_to_files,
     check_package,
+    dense_attention_copy,
     disagreement,
     first_batch_dependence,
     first_eager_difference,
@@ -49,6 +51,7 @@ from dync.package import (
     program_files,
     write_manifest,
 )
+from dync.plugins.block_sparse_attention import dense_equivalent
 from dync.plugins.splice import custom_ops_used, decompose_custom_nodes
 from dync.records import PassRecord, Provenance, VerificationRecord
 from dync.runtime.engine import Engine
@@ -77,6 +80,8 @@ def export(
     criterion: str = EXIT_CRITERION,
     force: bool = False,
     trust_pickle: bool = False,
+    sparse_attention: str | None = None,
+    attention_fp8: str = "off",
 ) -> Path:
     """Export `model` (a module or a model file) to the package directory `output` and return its path.
 
@@ -104,6 +109,11 @@ def export(
 
     `output` must be absent, an empty directory, or (with `force`) an earlier package, checked before any work.
     A pickled model file is loaded only with `trust_pickle` (see `dync.exporter.loading`).
+
+    `sparse_attention` (a `--sparse-attention` spec, `dync.exporter.passes.sparse_attention.spec`) makes every
+    softmax attention block-sparse, `attention_fp8` ("e4m3", "e5m2") rounds its operands to fp8 (alone: dense
+    fp8 attention). Such a package is verified with every mask listing every block and fp8 off, which is
+    exact against eager; the records say what each mask keeps on the example.
     """
     report = progress or (lambda message: None)
     output = Path(output)
@@ -116,6 +126,7 @@ def export(
         raise InputError(f"--ops {ops!r} is unknown; use one of {', '.join(FORMS)}.")
     if spatial_crossover is not None:
         check_crossover(spatial_crossover)
+    attention_spec = _attention_spec(sparse_attention, attention_fp8)
     inputs = Example(arrays) if arrays else random_example(shape)
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
@@ -137,9 +148,13 @@ def export(
     probe = probe_graph(decompose_custom_nodes(captured.model), specs)
     report(f"partitioning into {len(captured.exit_names)} stage(s)")
     stages = partition(captured.model, captured.exit_names, probe, labels=exits)
-    context = PassContext(form=ops, whole_model=captured.model, progress=report, spatial_crossover=spatial_crossover)
+    context = PassContext(form=ops, whole_model=captured.model, progress=report, spatial_crossover=spatial_crossover,
+                          sparse_attention=attention_spec)
     check = StageCheck.on_inputs(stages, random_inputs(specs, 3, seed=1)) if verify else None
-    records = _run_passes(stages, context, skipped, check)
+    example_feeds = StageCheck.on_inputs(stages, inputs.arrays).feeds if attention_spec is not None else None
+    records = _run_passes(stages, context, skipped, check, example_feeds)
+    if attention_spec is not None:
+        _check_sparsified(records.get("sparse_attention", []), attention_spec)
     package_name = name or output.name.removesuffix(".dync")
     manifest = _manifest(package_name, specs, stages, probe, _provenance(source, shape, inputs, stages[0].model))
     manifest.output_selection = captured.output_paths
@@ -155,7 +170,9 @@ def export(
         write_manifest(staged, manifest)
         if verify:
             report("verifying the package against eager PyTorch")
-            manifest.verification = bound_to_files(_verified(staged, model, captured, inputs, progress=report),
+            with dense_attention_copy(staged) as checked:
+                record = _verified(checked, model, captured, inputs, progress=report)
+            manifest.verification = bound_to_files(dataclasses.replace(record, dense_attention=checked != staged),
                                                    manifest)
             write_manifest(staged, manifest)
         if _is_package(output):
@@ -230,8 +247,28 @@ def _checked_passes(skip_passes: Collection[str], lower_spatial: bool) -> set[st
     return {*skip_passes, *(() if lower_spatial else ("spatial",))}
 
 
+def _attention_spec(sparse_attention: str | None, attention_fp8: str) -> SparseAttentionSpec | None:
+    """The sparse-attention spec asked for; fp8 alone is every block listed, in fp8."""
+    if sparse_attention is None and attention_fp8 == "off":
+        return None
+    return parse_sparse_attention(sparse_attention or "dense", attention_fp8)
+
+
+def _check_sparsified(records: list[PassRecord], spec: SparseAttentionSpec) -> None:
+    """ExportError when `--sparse-attention` found nothing it could make sparse (it was asked for)."""
+    if any(r.applied for r in records):
+        return
+    if not records:
+        raise ExportError(f"--sparse-attention {spec.describe()} found no softmax attention in the model (it takes "
+                          "scaled_dot_product_attention and the matmul-softmax-matmul chain over 4-D [batch, heads, "
+                          "tokens, dim] tensors); export without it.")
+    reasons = "; ".join(f"{r.node}: {r.reason}" for r in records)
+    raise ExportError(f"--sparse-attention {spec.describe()} left every softmax attention dense ({reasons}).")
+
+
 def _run_passes(stages: list[Stage], context: PassContext, skipped: Collection[str],
-                check: StageCheck | None) -> dict[str, list[PassRecord]]:
+                check: StageCheck | None,
+                example_feeds: list[dict[str, np.ndarray]] | None = None) -> dict[str, list[PassRecord]]:
     """Run each stage through the passes that serve the context's form, in place; every pass's records, by name.
 
     Passes run after probing and partitioning, so that both see only static shapes and each stage's MACs are
@@ -240,9 +277,10 @@ def _run_passes(stages: list[Stage], context: PassContext, skipped: Collection[s
     """
     records: dict[str, list[PassRecord]] = {}
     for k, stage in enumerate(stages):
+        stage_context = dataclasses.replace(context, feeds=None if example_feeds is None else example_feeds[k])
         for each in PASSES:
             if context.form in each.forms and each.name not in skipped:
-                stage.model, found = _checked_run(each, stage, k, context, check)
+                stage.model, found = _checked_run(each, stage, k, stage_context, check)
                 records.setdefault(each.name, []).extend(found)
     return {name: found for name, found in records.items() if found}
 
@@ -254,7 +292,7 @@ def _checked_run(each: Pass, stage: Stage, k: int, context: PassContext,
     first run reported the rest). If the outputs still differ (candidates that are wrong only together), the
     whole rewrite of the stage is undone."""
     rewritten, found = each.run(stage.model, context)
-    problem = None if check is None or rewritten is stage.model else check.compare(k, rewritten)
+    problem = None if check is None or rewritten is stage.model else check.compare(k, dense_equivalent(rewritten))
     if problem is None:
         return rewritten, list(found)
     applied = [r.node for r in found if r.applied]
@@ -266,7 +304,7 @@ def _checked_run(each: Pass, stage: Stage, k: int, context: PassContext,
     context.skip.setdefault(each.name, set()).update(culprits)
     rewritten, kept = each.run(stage.model, dataclasses.replace(context, progress=lambda message: None))
     undone = [r.undone(f"undone: the rewritten stage {culprits[r.node]}") for r in found if r.node in culprits]
-    if culprits and check.compare(k, rewritten) is None:
+    if culprits and check.compare(k, dense_equivalent(rewritten)) is None:
         return rewritten, [*kept, *undone]
     warnings.warn(f"pass {each.name} changed the outputs of {stage.name} ({problem}); its rewrite of that stage is "
                   "undone.", PassUndoneWarning, stacklevel=2)
@@ -282,7 +320,7 @@ def _alone_differs(each: Pass, stage: Stage, k: int, context: PassContext, check
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rewritten, _ = each.run(stage.model, trial)
-    return None if rewritten is stage.model else check.compare(k, rewritten)
+    return None if rewritten is stage.model else check.compare(k, dense_equivalent(rewritten))
 
 
 def _checked_shape(shape: Sequence[int] | None) -> tuple[int, ...]:

@@ -16,10 +16,14 @@ which finds a mistranslated op even at the example batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
-from collections.abc import Callable, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +37,8 @@ from dync.exporter.capture import eager_exits
 from dync.exporter.probe import ORT_ERRORS, every_tensor_session
 from dync.graph import innermost_frame, source_line
 from dync.inputs import Inputs, batch_of
-from dync.package import Manifest
+from dync.package import Manifest, load_manifest, program_files, write_manifest
+from dync.plugins.block_sparse_attention import dense_equivalent
 from dync.plugins.splice import decompose_custom_nodes
 from dync.records import VerificationRecord
 from dync.runtime.engine import Engine
@@ -130,6 +135,28 @@ def check_package(engine: Engine, model: torch.nn.Module, inputs: Sequence[Input
 def bound_to_files(record: VerificationRecord, manifest: Manifest) -> VerificationRecord:
     """The record with the SHA-256 of every program file it verified, as the manifest lists them."""
     return dataclasses.replace(record, files={path: f.sha256 for path, f in manifest.files.items()})
+
+
+@contextlib.contextmanager
+def dense_attention_copy(package: Path) -> Iterator[Path]:
+    """`package` itself, or, when a stage holds BlockSparseAttention, a temporary copy whose masks list every
+    block in float (`dense_equivalent`): what is checked against eager, since the masks approximate it."""
+    manifest = load_manifest(package)
+    models = {spec.onnx: onnx.load(package / spec.onnx) for spec in manifest.stages}
+    dense = {path: dense_equivalent(model) for path, model in models.items()}
+    if all(dense[path] is models[path] for path in models):
+        yield package
+        return
+    copy = Path(tempfile.mkdtemp(prefix=f".{package.name}.dense.", dir=package.parent))
+    try:
+        shutil.copytree(package, copy, dirs_exist_ok=True)
+        for path, model in dense.items():
+            onnx.save_model(model, copy / path)
+        manifest.files = program_files(copy, manifest)
+        write_manifest(copy, manifest)
+        yield copy
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def disagreement(name: str, record: VerificationRecord) -> VerificationError:

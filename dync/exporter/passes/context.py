@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import numpy as np
 import onnx
 
 from dync.records import PassRecord
+
+if TYPE_CHECKING:
+    from dync.exporter.passes.sparse_attention.spec import SparseAttentionSpec
 
 FORMS = ("portable", "plugins")
 
@@ -35,6 +39,8 @@ class PassContext:
 
     form: one of FORMS. whole_model: the captured model before partitioning, for measurements that want
     every candidate at once. spatial_crossover: a mask density fixed for every masked block (None: measure).
+    sparse_attention: the mask rule `--sparse-attention` asks for (None: attention stays dense). feeds: the
+    stage's inputs at the export example, while its passes run (None when export does not compute them).
     skip: per pass name, the candidates (by node name) the pass must leave as they are, because export's
     check found its rewrite of them wrong.
     """
@@ -43,6 +49,8 @@ class PassContext:
     whole_model: onnx.ModelProto
     progress: Progress = lambda message: None
     spatial_crossover: float | None = None
+    sparse_attention: SparseAttentionSpec | None = None
+    feeds: dict[str, np.ndarray] | None = None
     skip: dict[str, set[str]] = field(default_factory=dict)
     _results: dict[str, Any] = field(default_factory=dict)
 

@@ -511,7 +511,9 @@ def dense_equivalent(model: onnx.ModelProto) -> onnx.ModelProto:
         count = b.op("Expand", "count", [b.op("Reshape", "kb_scalar", [kb, b.const("scalar", [])]), lists])
         blocks = b.op("Range", "blocks", [b.const("r0", 0), b.op("Squeeze", "kb_s", [kb]), b.const("r1", 1)])
         index = b.op("Expand", "index", [blocks, b.op("Concat", "index_shape", [lists, kb], axis=0)])
-        node.inputs[:] = [*node.inputs[:3], count, index]
+        operands = [*node.inputs[:3], count, index]
+        node.inputs.clear()
+        node.inputs.extend(operands)
         node.attrs["fp8"] = "off"
     graph.cleanup().toposort()
     return export_graph(graph, like=model)

@@ -66,7 +66,7 @@ def fuse_all(shape: AttentionShape) -> bool:
 
 
 @dataclass
-class _Match:
+class Match:
     """One fusable chain: the nodes it replaces and what the Attention node reads."""
 
     nodes: list[gs.Node]
@@ -85,7 +85,7 @@ def fuse_attention(model: onnx.ModelProto, choose: Choice = fuse_all,
     `choose` sees each match's static shape; a match whose shape is not static is fused without asking.
     Matches whose Softmax is named in `skip` are left as they are, without a record.
     """
-    matches = [m for m in _find_matches(import_graph(model, infer_shapes=True)) if _softmax_name(m) not in skip] \
+    matches = [m for m in find_matches(import_graph(model, infer_shapes=True)) if softmax_name(m) not in skip] \
         if default_opset(model) >= SOFTMAX_LAST_AXIS_OPSET else []
     if not matches:
         return model, []
@@ -93,15 +93,15 @@ def fuse_attention(model: onnx.ModelProto, choose: Choice = fuse_all,
         converted = version_converter.convert_version(model, ATTENTION_OPSET)
     except (RuntimeError, onnx.checker.ValidationError) as exc:  # no adapter for some op of the model
         reason = f"onnx's version converter cannot take the model to opset {ATTENTION_OPSET} ({exc})"
-        return model, [AttentionRecord(_softmax_name(m), False, _attention_shape(m, False), reason=reason)
+        return model, [AttentionRecord(softmax_name(m), False, _attention_shape(m, False), reason=reason)
                        for m in matches]
     graph = import_graph(converted, infer_shapes=True)
     reports = []
-    for index, match in enumerate(_find_matches(graph)):  # in graph order: an earlier 3-D output is a head view
-        if _softmax_name(match) in skip:
+    for index, match in enumerate(find_matches(graph)):  # in graph order: an earlier 3-D output is a head view
+        if softmax_name(match) in skip:
             continue
         views = _head_views(match)
-        name, shape = _softmax_name(match), _attention_shape(match, views is not None)
+        name, shape = softmax_name(match), _attention_shape(match, views is not None)
         fused = shape is None or choose(shape)
         if fused:
             _rewrite(graph, match, f"fused_attention_{index}", views)
@@ -112,12 +112,12 @@ def fuse_attention(model: onnx.ModelProto, choose: Choice = fuse_all,
     return export_graph(graph, like=converted), reports
 
 
-def _softmax_name(match: _Match) -> str:
+def softmax_name(match: Match) -> str:
     softmax = match.nodes[0]
     return softmax.name or softmax.outputs[0].name
 
 
-def _find_matches(graph: gs.Graph) -> list[_Match]:
+def find_matches(graph: gs.Graph) -> list[Match]:
     """Chains whose intermediates no graph output exposes."""
     outputs = {t.name for t in graph.outputs}
     matches = [_match(node) for node in graph.nodes if node.op == "Softmax"]
@@ -125,7 +125,7 @@ def _find_matches(graph: gs.Graph) -> list[_Match]:
             and not any(n.outputs[0].name in outputs for n in m.nodes if n.outputs[0] is not m.output)]
 
 
-def _match(softmax: gs.Node) -> _Match | None:
+def _match(softmax: gs.Node) -> Match | None:
     """The chain around `softmax`, or None when any part of the pattern is missing."""
     if softmax.attrs.get("axis", -1) not in (-1, 3) or rank(softmax.outputs[0]) != 4:
         return None
@@ -157,7 +157,7 @@ def _match(softmax: gs.Node) -> _Match | None:
         nodes.append(pre)
     if not _same_batch_and_heads(q, qk.inputs[1], pv.inputs[1]):
         return None
-    return _Match(nodes=nodes, q=q, kt=qk.inputs[1], v=pv.inputs[1], bias=bias, scale=scale, output=pv.outputs[0])
+    return Match(nodes=nodes, q=q, kt=qk.inputs[1], v=pv.inputs[1], bias=bias, scale=scale, output=pv.outputs[0])
 
 
 def _same_batch_and_heads(*tensors: gs.Tensor) -> bool:
@@ -180,13 +180,13 @@ def _split_bias(add: gs.Node) -> tuple[gs.Tensor | None, gs.Tensor | None]:
     return scores, bias
 
 
-def _head_views(match: _Match) -> tuple[HeadView, HeadView, HeadView] | None:
+def _head_views(match: Match) -> tuple[HeadView, HeadView, HeadView] | None:
     """Q, K and V as head views of 3-D tensors, when all three are."""
     views = (head_view(match.q), keys_head_view(match.kt), head_view(match.v))
     return None if None in views else views
 
 
-def _attention_shape(match: _Match, merged_heads: bool) -> AttentionShape | None:
+def _attention_shape(match: Match, merged_heads: bool) -> AttentionShape | None:
     """The match's per-sample shape, when every dim but the batch is static."""
     q, kt, v = (shape_of(t) for t in (match.q, match.kt, match.v))
     dims = [*q[1:], kt[3], v[3]]
@@ -197,20 +197,20 @@ def _attention_shape(match: _Match, merged_heads: bool) -> AttentionShape | None
                           merged_heads=merged_heads)
 
 
-def _drop_batch_tiles(match: _Match) -> None:
+def _drop_batch_tiles(match: Match) -> None:
     """Feed the unfused chain's Add the bias without its batch Tiles, which the Add's broadcasting makes moot."""
     add = next(node for node in match.nodes if node.op == "Add")
     add.inputs[add.inputs.index(match.bias)] = _bypassed(match.bias)
 
 
-def _rewrite(graph: gs.Graph, match: _Match, name: str, views: tuple[HeadView, ...] | None) -> None:
+def _rewrite(graph: gs.Graph, match: Match, name: str, views: tuple[HeadView, ...] | None) -> None:
     """Replace the chain by one Attention node writing the chain's output tensor: in the 3-D form when Q, K
     and V are head `views` (the output then replaces the head merge that follows, if one does)."""
     for node in match.nodes:
         node.outputs.clear()
     attrs: dict = {"scale": float(match.scale)}
     if views is None:
-        inputs, output = [match.q, _untransposed(graph, match.kt, name), match.v], match.output
+        inputs, output = [match.q, untransposed(graph, match.kt, name), match.v], match.output
     else:
         batch, heads, tokens, _ = shape_of(match.q)
         attrs.update(q_num_heads=heads, kv_num_heads=heads)
@@ -221,7 +221,7 @@ def _rewrite(graph: gs.Graph, match: _Match, name: str, views: tuple[HeadView, .
     graph.nodes.append(gs.Node(op="Attention", name=name, attrs=attrs, inputs=inputs, outputs=[output]))
 
 
-def _untransposed(graph: gs.Graph, kt: gs.Tensor, name: str) -> gs.Tensor:
+def untransposed(graph: gs.Graph, kt: gs.Tensor, name: str) -> gs.Tensor:
     """K = KT with the last two axes swapped, composing with the Transpose that made KT if there is one."""
     source, perm = kt, [0, 1, 3, 2]
     transpose = producer(kt, "Transpose")

@@ -29,10 +29,13 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
 
 
-def import_graph(model: onnx.ModelProto, infer_shapes: bool = False) -> gs.Graph:
+def import_graph(model: onnx.ModelProto, infer_shapes: bool = False, data_prop: bool = False) -> gs.Graph:
     """`model` as a graphsurgeon graph; `infer_shapes` first runs ONNX shape inference, for rules that check
-    ranks and shapes of intermediate tensors."""
-    return gs.import_onnx(onnx.shape_inference.infer_shapes(model) if infer_shapes else model)
+    ranks and shapes of intermediate tensors; `data_prop` also propagates shape values through shape
+    arithmetic (Shape, Slice, Concat into a Reshape: how torch.onnx writes SDPA's key transpose)."""
+    if not infer_shapes:
+        return gs.import_onnx(model)
+    return gs.import_onnx(onnx.shape_inference.infer_shapes(model, data_prop=data_prop))
 
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:

@@ -333,12 +333,19 @@ class SparseAttentionRecord(PassRecord):
     density: float | None = None
     fp8: str = "off"
     reason: str = ""
+    attention: str = ""
+    """The BlockSparseAttention node that replaced the chain: its mask approximates, so checks list every block."""
 
     def detail(self) -> str | None:
         if not self.sparse:
             return f"dense, {self.reason}"
         density = "" if self.density is None else f", density {self.density:.2f} on the example"
         return f"{self.rule}; {self.queries} queries x {self.keys} keys in blocks of {self.block_q}{density}"
+
+
+def approximated_nodes(records: Sequence[PassRecord]) -> set[str]:
+    """The BlockSparseAttention nodes whose masks `--sparse-attention` made up, among a pass's records."""
+    return {r.attention for r in records if isinstance(r, SparseAttentionRecord) and r.sparse}
 
 
 PASS_RECORDS: dict[str, type[PassRecord]] = {

@@ -53,7 +53,7 @@ from dync.package import (
 )
 from dync.plugins.block_sparse_attention import dense_equivalent
 from dync.plugins.splice import custom_ops_used, decompose_custom_nodes
-from dync.records import PassRecord, Provenance, VerificationRecord
+from dync.records import PassRecord, Provenance, VerificationRecord, approximated_nodes
 from dync.runtime.engine import Engine
 from dync.version import __version__
 
@@ -292,7 +292,8 @@ def _checked_run(each: Pass, stage: Stage, k: int, context: PassContext,
     first run reported the rest). If the outputs still differ (candidates that are wrong only together), the
     whole rewrite of the stage is undone."""
     rewritten, found = each.run(stage.model, context)
-    problem = None if check is None or rewritten is stage.model else check.compare(k, dense_equivalent(rewritten))
+    problem = None if check is None or rewritten is stage.model else \
+        check.compare(k, dense_equivalent(rewritten, approximated_nodes(found)))
     if problem is None:
         return rewritten, list(found)
     applied = [r.node for r in found if r.applied]
@@ -304,7 +305,7 @@ def _checked_run(each: Pass, stage: Stage, k: int, context: PassContext,
     context.skip.setdefault(each.name, set()).update(culprits)
     rewritten, kept = each.run(stage.model, dataclasses.replace(context, progress=lambda message: None))
     undone = [r.undone(f"undone: the rewritten stage {culprits[r.node]}") for r in found if r.node in culprits]
-    if culprits and check.compare(k, dense_equivalent(rewritten)) is None:
+    if culprits and check.compare(k, dense_equivalent(rewritten, approximated_nodes(kept))) is None:
         return rewritten, [*kept, *undone]
     warnings.warn(f"pass {each.name} changed the outputs of {stage.name} ({problem}); its rewrite of that stage is "
                   "undone.", PassUndoneWarning, stacklevel=2)
@@ -319,8 +320,10 @@ def _alone_differs(each: Pass, stage: Stage, k: int, context: PassContext, check
                                 skip={**context.skip, each.name: context.skipped(each.name) | others})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rewritten, _ = each.run(stage.model, trial)
-    return None if rewritten is stage.model else check.compare(k, dense_equivalent(rewritten))
+        rewritten, found = each.run(stage.model, trial)
+    if rewritten is stage.model:
+        return None
+    return check.compare(k, dense_equivalent(rewritten, approximated_nodes(found)))
 
 
 def _checked_shape(shape: Sequence[int] | None) -> tuple[int, ...]:

@@ -162,7 +162,7 @@ def _onnx_program(wrapped: torch.nn.Module, tensors: tuple[torch.Tensor, ...], n
     batch = torch.export.Dim(BATCH_DIM)
     recognize = contextlib.nullcontext() if mode == "bytecode" else rewrites.recognize_per_sample_convs(wrapped.model)
     try:
-        with quiet_torch_onnx(), recognize:
+        with quiet_torch_onnx(), recognize, rewrites.recognize_flex_attention(wrapped.model):
             if mode == "bytecode":
                 model: torch.nn.Module | torch.export.ExportedProgram = torch.export.export(
                     wrapped, tensors, dynamic_shapes=(tuple({0: torch.export.Dim.DYNAMIC} for _ in tensors),),

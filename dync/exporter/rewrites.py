@@ -12,7 +12,13 @@ is symbolic (it depends on the batch) is replaced by
 which returns the same folded layout, so the model's own reshape back to [B, Cout, H', W'] is untouched.
 Guarantees: every other call passes through unchanged, outputs equal eager, the batch stays symbolic. A
 batch-dependent `groups` that does not fit the pattern is a CaptureError naming the module; never a
-silently specialized graph. `translations()` gathers every plugin op's torch.onnx translation from the
+silently specialized graph.
+
+flex_attention (`torch.nn.attention.flex_attention`) with a BlockMask: torch.onnx has no translation for it,
+so while `recognize_flex_attention` is active the model's calls run as `dync::block_sparse_attention` on the
+mask's block lists, exact where the mask is block-aligned (checked token by token; a CaptureError otherwise).
+
+`translations()` gathers every plugin op's torch.onnx translation from the
 registry, so the op is emitted as its `dync::PerSampleConv2d` plugin node.
 """
 
@@ -26,7 +32,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.overrides import TorchFunctionMode
 
-from dync.errors import CaptureError
+from dync.errors import CaptureError, PluginError
 from dync.plugins import registry
 
 _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -125,6 +131,66 @@ def recognize_per_sample_convs(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def recognize_flex_attention(model: torch.nn.Module) -> Iterator[None]:
+    """While active, `flex_attention(q, k, v, block_mask=...)` called by `model`'s modules runs as
+    `dync::block_sparse_attention` on the BlockMask's block lists (torch.onnx cannot translate flex_attention).
+
+    The name `flex_attention` is rebound where the model's code finds it: in the module of each submodule's
+    class that imported it, and on `torch.nn.attention.flex_attention`; every binding is restored after.
+    """
+    import sys
+
+    import torch.nn.attention.flex_attention as flex
+
+    original = flex.flex_attention
+    homes = {sys.modules[type(m).__module__] for m in model.modules() if type(m).__module__ in sys.modules}
+    bound = [(home, name) for home in homes | {flex} for name, value in vars(home).items() if value is original]
+    for home, name in bound:
+        setattr(home, name, _as_block_sparse_attention)
+    try:
+        yield
+    finally:
+        for home, name in bound:
+            setattr(home, name, original)
+
+
+def _as_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Any = None,
+                               block_mask: Any = None, scale: float | None = None, enable_gqa: bool = False,
+                               return_lse: bool = False, kernel_options: Any = None, **options: Any) -> torch.Tensor:
+    """flex_attention's semantics for what BlockSparseAttention expresses; a CaptureError for the rest."""
+    from dync.plugins.block_sparse_attention.reference import block_mask_lists
+
+    used = {"score_mod": score_mod is not None, "enable_gqa": enable_gqa, "return_lse": return_lse,
+            **{name: value is not None for name, value in options.items()}}
+    unsupported = [name for name, on in used.items() if on]
+    if unsupported:
+        raise CaptureError(f"flex_attention is called with {', '.join(unsupported)}, which dync cannot lower; it "
+                           "takes flex_attention(q, k, v, block_mask=..., scale=...) with a block-aligned mask.")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if block_mask is None:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale)
+    try:
+        with _outside_tracing():  # the mask is a constant of the model: read it, do not trace its reading
+            count, index, block_q, block_k = block_mask_lists(block_mask, int(query.shape[2]), int(key.shape[2]))
+            count, index = count.tolist(), index.tolist()
+    except PluginError as exc:
+        raise CaptureError(str(exc)) from None
+    count, index = torch.tensor(count, dtype=torch.int64), torch.tensor(index, dtype=torch.int64)  # graph constants
+    attention = registry().get("BlockSparseAttention").face("reference")
+    return attention(query, key, value, count, index, block_q, block_k, float(scale), "off")
+
+
+@contextlib.contextmanager
+def _outside_tracing() -> Iterator[None]:
+    """Plain eager tensors inside a torch.export trace, for computing constants."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        yield
 
 
 def translations() -> dict[Any, Any]:

@@ -40,7 +40,7 @@ from dync.inputs import Inputs, batch_of
 from dync.package import Manifest, load_manifest, program_files, write_manifest
 from dync.plugins.block_sparse_attention import dense_equivalent
 from dync.plugins.splice import decompose_custom_nodes
-from dync.records import VerificationRecord
+from dync.records import VerificationRecord, approximated_nodes
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds
 
@@ -142,8 +142,9 @@ def dense_attention_copy(package: Path) -> Iterator[Path]:
     """`package` itself, or, when a stage holds BlockSparseAttention, a temporary copy whose masks list every
     block in float (`dense_equivalent`): what is checked against eager, since the masks approximate it."""
     manifest = load_manifest(package)
-    models = {spec.onnx: onnx.load(package / spec.onnx) for spec in manifest.stages}
-    dense = {path: dense_equivalent(model) for path, model in models.items()}
+    approximated = approximated_nodes((manifest.passes or {}).get("sparse_attention", []))
+    models = {spec.onnx: onnx.load(package / spec.onnx) for spec in manifest.stages} if approximated else {}
+    dense = {path: dense_equivalent(model, approximated) for path, model in models.items()}
     if all(dense[path] is models[path] for path in models):
         yield package
         return

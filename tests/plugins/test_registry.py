@@ -33,11 +33,13 @@ def test_faces_lists_present_faces_only():
                                                                "tensorrt")
     assert registry().get("ScatterAddPatches").present_faces() == ("reference", "decompose", "shape", "macs",
                                                                    "triton")
-    assert registry().with_face("tensorrt") == ("GatherPatches", "PerSampleConv2d")
+    assert registry().with_face("tensorrt") == ("BlockSparseAttention", "GatherPatches", "PerSampleConv2d")
 
 
 def test_unknown_op_names_it_and_the_known_ones():
-    with pytest.raises(DyncError, match=r"'Conv9'.*GatherPatches, PerSampleConv2d, ScatterAddPatches"):
+    known = ("BlockMaskIndex, BlockSparseAttention, GatherPatches, MeanSimMask, PerSampleConv2d, ScatterAddPatches, "
+             "TileWindowMask")
+    with pytest.raises(DyncError, match=rf"'Conv9'.*{known}"):
         registry().get("Conv9")
 
 

@@ -41,7 +41,7 @@ The mask producers have no plugins: TensorRT runs their decompositions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -495,14 +495,15 @@ def mask_macs(input_shapes: Sequence[Sequence[int]], output_shapes: Sequence[Seq
 # --------------------------------------------------------------------------------------------- dense equivalent
 
 
-def dense_equivalent(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with every BlockSparseAttention listing every key block, in float: the dense attention it
-    approximates, so that a package's plumbing (layouts, scales, token order) is checked exactly against eager
-    and its masks' error is measured on its own. The model itself when it has none."""
-    if not any(node.op_type == ATTENTION.name and node.domain == ATTENTION.domain for node in model.graph.node):
+def dense_equivalent(model: onnx.ModelProto, nodes: Collection[str]) -> onnx.ModelProto:
+    """`model` with the BlockSparseAttention `nodes` listing every key block, in float: the dense attention
+    they approximate (a mask made up by `--sparse-attention`, not one the model itself applies), so that a
+    package's plumbing (layouts, scales, token order) is checked exactly against eager and its masks' error
+    is measured on its own. The model itself when it has none of them."""
+    if not any(node.name in nodes for node in model.graph.node):
         return model
     graph = import_graph(model)
-    for node in [n for n in graph.nodes if n.op == ATTENTION.name and n.domain == ATTENTION.domain]:
+    for node in [n for n in graph.nodes if n.op == ATTENTION.name and n.name in nodes]:
         b = Builder(graph.nodes, f"{node.name}/dense/")
         q, k = node.inputs[:2]
         qb = _ceil_div(b, "qb", _dim(b, "l", q, 2), node.attrs["block_q"])
@@ -527,6 +528,7 @@ ATTENTION = OpRecord(
     macs=attention_macs,
     shape=attention_shape,
     reference=Face(f"{_HERE}.reference", "block_sparse_attention"),
+    translation=Face(f"{_HERE}.reference", "TRANSLATION"),
     triton=Face(f"{_HERE}.kernels", "block_sparse_attention_triton"),
     tensorrt=Face(f"{_HERE}.trt", "register"),
     dtypes=("float32", "float16", "bfloat16", "float8_e4m3fn"),

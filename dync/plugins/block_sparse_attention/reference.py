@@ -7,6 +7,8 @@ lists imply, which is what every other face is checked against.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from dync.errors import PluginError
@@ -193,3 +195,98 @@ def _mean_sim_mask_fake(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k:
     qb, kb = blocks_of(q.shape[2], block_q), blocks_of(k.shape[2], block_k)
     return (q.new_empty((*q.shape[:2], qb), dtype=torch.int64),
             q.new_empty((*q.shape[:2], qb, kb), dtype=torch.int64))
+
+
+def register_onnx_schema() -> None:
+    """Tell onnx (and so onnxscript, which torch.onnx's translations use) the node's signature, once."""
+    import onnx.defs
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("BlockSparseAttention", 1, "dync")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    attr = OpSchema.AttrType
+    onnx.defs.register_schema(OpSchema(
+        "BlockSparseAttention", "dync", 1,
+        doc="Softmax attention over listed key blocks (dync.plugins.block_sparse_attention).",
+        inputs=[OpSchema.FormalParameter(name, kind) for name, kind in
+                (("q", "T"), ("k", "T"), ("v", "T"), ("kv_count", "I"), ("kv_index", "I"))],
+        outputs=[OpSchema.FormalParameter("y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "Floating-point tensors."),
+                          ("I", ["tensor(int64)"], "Block lists.")],
+        attributes=[OpSchema.Attribute("block_q", attr.INT, "Queries per block."),
+                    OpSchema.Attribute("block_k", attr.INT, "Keys per block."),
+                    OpSchema.Attribute("scale", attr.FLOAT, "Softmax scale."),
+                    OpSchema.Attribute("fp8", attr.STRING, "off, e4m3 or e5m2."),
+                    OpSchema.Attribute("plugin_version", attr.STRING, "TensorRT plugin version."),
+                    OpSchema.Attribute("plugin_namespace", attr.STRING, "TensorRT plugin namespace.")],
+    ))
+
+
+def translate(q: Any, k: Any, v: Any, kv_count: Any, kv_index: Any, block_q: int, block_k: int, scale: float,
+              fp8: str = "off") -> Any:
+    """torch.onnx translation of `dync::block_sparse_attention`: the `dync::BlockSparseAttention` plugin node."""
+    from onnxscript.values import Opset
+
+    from dync.plugins.block_sparse_attention import ATTENTION
+
+    register_onnx_schema()
+    return Opset(ATTENTION.domain, 1).BlockSparseAttention(q, k, v, kv_count, kv_index, block_q=block_q,
+                                                           block_k=block_k, scale=float(scale), fp8=fp8,
+                                                           plugin_version=ATTENTION.version,
+                                                           plugin_namespace=ATTENTION.namespace)
+
+
+TRANSLATION = {torch.ops.dync.block_sparse_attention.default: translate}
+"""The op's entry in torch.onnx's `custom_translation_table`."""
+
+
+def _listed_blocks(block_mask: Any) -> torch.Tensor:
+    """[B, H, QB, KB] bool: the blocks the BlockMask lists, partial or full (its own to_dense uses vmap)."""
+    width = block_mask.kv_indices.shape[-1]
+    listed = allowed_blocks(block_mask.kv_num_blocks.long(), block_mask.kv_indices.long(), width)
+    if block_mask.full_kv_num_blocks is not None:
+        listed = listed | allowed_blocks(block_mask.full_kv_num_blocks.long(), block_mask.full_kv_indices.long(),
+                                         width)
+    return listed
+
+
+def _token_mask(mask_mod: Any, batch: int, heads: int, queries: int, keys: int) -> torch.Tensor:
+    """mask_mod at every (b, h, q, kv), by broadcasting its index arguments (flex_attention's create_mask uses
+    vmap, which torch.export would record even for constants)."""
+    b, h, q, kv = (torch.arange(n).view(*([1] * axis), n, *([1] * (3 - axis)))
+                   for axis, n in enumerate((batch, heads, queries, keys)))
+    return torch.broadcast_to(torch.as_tensor(mask_mod(b, h, q, kv), dtype=torch.bool), (batch, heads, queries, keys))
+
+
+def block_mask_lists(block_mask: Any, queries: int, keys: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(kv_count, kv_index, block_q, block_k) of a flex_attention `BlockMask`, when its mask is block-aligned.
+
+    A BlockMask lists full blocks and partial ones, where its mask_mod decides per token. BlockSparseAttention
+    is block-granular, so each partial block must be all-true (then it is full) or all-false (then it is
+    dropped) at the token level; PluginError otherwise, since the result would differ from eager.
+    """
+    block_q, block_k = (int(s) for s in block_mask.BLOCK_SIZE)
+    try:
+        listed = _listed_blocks(block_mask)
+        tokens = _token_mask(block_mask.mask_mod, listed.shape[0], listed.shape[1], queries, keys)
+    except Exception as exc:  # fake tensors: a BlockMask made inside the traced forward
+        raise PluginError("flex_attention's BlockMask could not be read as constants; create it once outside the "
+                          f"forward (e.g. in __init__) and keep it as an attribute ({type(exc).__name__}).") from exc
+    qb, kb = blocks_of(queries, block_q), blocks_of(keys, block_k)
+    padded = torch.nn.functional.pad(tokens, (0, kb * block_k - keys, 0, qb * block_q - queries))
+    per_block = padded.reshape(*tokens.shape[:2], qb, block_q, kb, block_k)
+    real = torch.nn.functional.pad(torch.ones(queries, keys, dtype=torch.bool),
+                                   (0, kb * block_k - keys, 0, qb * block_q - queries))
+    real = real.reshape(qb, block_q, kb, block_k)
+    allowed = per_block.any(dim=(3, 5)) & listed[..., :qb, :kb]
+    partial = allowed & ~(per_block | ~real).all(dim=(3, 5))
+    if bool(partial.any()):
+        b, h, i, j = (int(x) for x in partial.nonzero()[0])
+        raise PluginError(f"flex_attention's mask_mod is not block-aligned: key block {j} of query block {i} (batch "
+                          f"{b}, head {h}) is only partly attended at BLOCK_SIZE ({block_q}, {block_k}); dync runs "
+                          "block masks only, so make the mask_mod whole-block (or pick a BLOCK_SIZE it aligns to).")
+    count, index = kept_lists(allowed)
+    return count, index, block_q, block_k

@@ -52,12 +52,13 @@ def sparsify_attention(model: onnx.ModelProto, spec: SparseAttentionSpec, skip: 
     not modified; it is returned as it is when nothing is rewritten."""
     if default_opset(model) < SOFTMAX_LAST_AXIS_OPSET:
         return model, []
-    matches = [m for m in find_matches(import_graph(model, infer_shapes=True)) if softmax_name(m) not in skip]
+    found = find_matches(import_graph(model, infer_shapes=True, data_prop=True))
+    matches = [m for m in found if softmax_name(m) not in skip]
     if not matches:
         return model, []
     if spec.fp8 != "off" and default_opset(model) < FP8_OPSET:
         model = version_converter.convert_version(model, FP8_OPSET)
-    graph = import_graph(model, infer_shapes=True)
+    graph = import_graph(model, infer_shapes=True, data_prop=True)
     records, counts = [], {}
     for index, match in enumerate(m for m in find_matches(graph) if softmax_name(m) not in skip):
         name = softmax_name(match)
@@ -124,7 +125,8 @@ def _rewrite(graph: gs.Graph, match: Match, spec: SparseAttentionSpec,
         counts, _ = tile_window_lists(spec.grid, spec.tile, spec.window)
         density = float(counts.mean() / key_blocks)
     record = SparseAttentionRecord(node=softmax_name(match), sparse=True, rule=spec.describe(), queries=queries,
-                                   keys=keys, block_q=block, block_k=block, density=density, fp8=spec.fp8)
+                                   keys=keys, block_q=block, block_k=block, density=density, fp8=spec.fp8,
+                                   attention=f"{b.prefix}attention")
     return record, (count, key_blocks)
 
 

@@ -17,8 +17,9 @@ FP8-rounded operands, for diffusion transformers over tens of thousands of token
   ties to even, saturating at its max (448 for e4m3, 57344 for e5m2); the attention then runs on `x8 * s`
   in float. Scales are the optional inputs when given (calibrated), else `amax / max` of the tile or channel
   (1 for an all-zero one). In ONNX this is `Cast(to=float8, saturate=1)` and back (opset 19), not
-  Quantize/DequantizeLinear: onnxruntime's CPU optimizer fuses an fp8 DequantizeLinear before a MatMul into
-  MatMulIntegerToFloat, which rejects fp8; a Cast pair is left alone at every optimization level.
+  Quantize/DequantizeLinear: a Cast pair offers onnxruntime's QDQ fusions nothing to take (its CPU
+  optimizer has fused an fp8 DequantizeLinear before a MatMul into MatMulIntegerToFloat, which rejects
+  fp8; 1.32 no longer does), and it rounds bit-identically to torch's cast at every optimization level.
 
 The mask producers write `(kv_count, kv_index)` with the kept blocks first, in ascending order:
 
@@ -500,7 +501,7 @@ def dense_equivalent(model: onnx.ModelProto, nodes: Collection[str]) -> onnx.Mod
     they approximate (a mask made up by `--sparse-attention`, not one the model itself applies), so that a
     package's plumbing (layouts, scales, token order) is checked exactly against eager and its masks' error
     is measured on its own. The model itself when it has none of them."""
-    if not any(node.name in nodes for node in model.graph.node):
+    if not any(node.name in nodes and node.op_type == ATTENTION.name for node in model.graph.node):
         return model
     graph = import_graph(model)
     for node in [n for n in graph.nodes if n.op == ATTENTION.name and n.name in nodes]:

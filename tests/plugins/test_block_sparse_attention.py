@@ -251,6 +251,19 @@ def test_every_block_listed_is_plain_softmax_attention(case: AttentionCase):
     assert _max_abs_error(_reference(case, feeds), dense) <= TOLERANCE
 
 
+def test_chunks_of_one_head_listing_every_block_run_as_that_heads_dense_attention(monkeypatch: pytest.MonkeyPatch):
+    """With chunks of QB rows, each chunk is one head listing every block: the loop's dense form (one GEMM pair
+    on the head's keys, nothing gathered) must give plain softmax attention too."""
+    case = next(c for c in ATTENTION_CASES if c.id == "every_block_whole_keys")
+    feeds = _attention_feeds(case)
+    qb, kb = _blocks_of(case.l, case.block_q), _blocks_of(case.s, case.block_k)
+    monkeypatch.setattr(bsa, "GATHER_BUDGET", qb * kb * case.block_k * max(case.d, case.dv))
+    chunked = _attention_model(case, feeds)
+    assert _loop_trip_count(chunked, feeds) == case.b * case.h
+    dense = _softmax_attention(feeds["q"], feeds["k"], feeds["v"], _scale(case))
+    assert _max_abs_error(_run_all(chunked, feeds)[0], dense) <= TOLERANCE
+
+
 def test_sparse_lists_are_not_dense_attention():
     """The random lists really drop blocks: without that, the cases above could not tell a mask apart."""
     case = ATTENTION_CASES[0]

@@ -206,11 +206,19 @@ class _Rows:
         first_block = b.op("Unsqueeze", "row_base", [b.op("Mul", "row_first_block", [row_bh, kb]),
                                                      b.const("ax1b", [1])])
         return cls(iterations=iterations, chunk=chunk, count_rows=count_rows, q_rows=q_rows, counts=counts,
+                   row_bh=row_bh, key_blocks=kb, k_heads=_heads(b, "k_heads", k), v_heads=_heads(b, "v_heads", v),
                    global_index=b.op("Add", "global_index", [safe_index, first_block]), local_index=safe_index,
                    slot_bias=_bias(b, "slot_bias", listed), key_bias=_key_bias(b, k, kb, block_k),
                    whole_keys=_whole_keys(b, k, block_k),
                    k_rows=_as_rows(b, "k_rows", _blocks(b, "kblk", k, kb, block_k), block_k),
                    v_rows=_as_rows(b, "v_rows", _blocks(b, "vblk", v, kb, block_k), block_k))
+
+
+def _heads(b: Builder, name: str, x: gs.Tensor) -> gs.Tensor:
+    """[B, H, S, D] as [B * H, S, D]."""
+    shape = b.op("Concat", f"{name}_shape", [b.const(f"{name}_lead", [-1]),
+                                             b.op("Shape", f"{name}_sd", [x], start=2)], axis=0)
+    return b.op("Reshape", name, [x, shape])
 
 
 def _flat(b: Builder, name: str, lists: gs.Tensor, full: list[gs.Tensor], flat: list[gs.Tensor]) -> gs.Tensor:
@@ -280,9 +288,13 @@ def _gathered(c: Builder, name: str, rows: gs.Tensor, index: gs.Tensor) -> gs.Te
 
 
 def _chunk_body(b: Builder, rows: _Rows, scale: float) -> gs.Graph:
-    """The Loop body: attention for rows [i * chunk, (i + 1) * chunk), out as [chunk, block_q, Dv]. Where
-    every row of the chunk lists as many blocks and no key is padding, nothing needs masking, and an If
-    skips the bias and the empty-row select (about a tenth of a dense chunk's time)."""
+    """The Loop body: attention for rows [i * chunk, (i + 1) * chunk), out as [chunk, block_q, Dv].
+
+    Three forms, chosen per chunk by Ifs: where the chunk's rows are of one head, list every block and no key
+    is padding, it is that head's dense attention, one GEMM pair with no gathering; where every row lists
+    as many blocks and no key is padding, gathered blocks need no mask; otherwise the mask (unlisted slots,
+    padded keys) is added and empty rows are zeroed.
+    """
     nodes: list[gs.Node] = []
     c = Builder(nodes, f"{b.prefix}chunk/")
     step = gs.Variable(f"{b.prefix}chunk/i", dtype=np.int64, shape=[])
@@ -290,46 +302,85 @@ def _chunk_body(b: Builder, rows: _Rows, scale: float) -> gs.Graph:
     first = c.op("Mul", "first", [c.op("Unsqueeze", "i1", [step, c.const("ax0", [0])]), rows.chunk])
     end = c.op("Add", "end", [first, rows.chunk])
     axis0 = c.const("axis0", [0])
-
-    def take(name: str, tensor: gs.Tensor) -> gs.Tensor:
-        return c.op("Slice", name, [tensor, first, end, axis0])
-
-    counts = take("counts", rows.counts)
+    counts = c.op("Slice", "counts", [rows.counts, first, end, axis0])
+    queries = c.op("Slice", "queries", [rows.q_rows, first, end, axis0])
+    heads = c.op("Slice", "heads", [rows.row_bh, first, end, axis0])
+    fewest = c.op("ReduceMin", "fewest", [counts], keepdims=1)
     longest = c.op("Max", "longest", [c.op("ReduceMax", "most", [counts], keepdims=1), c.const("one", [1])])
-    slots = [c.op("Concat", "s_begin", [first, c.const("zero", [0])], axis=0),
-             c.op("Concat", "s_end", [end, longest], axis=0), c.const("s_axes", [0, 1])]
-    global_index = c.op("Slice", "global_index", [rows.global_index, *slots])
-    local_index = c.op("Slice", "local_index", [rows.local_index, *slots])
-    slot_bias = c.op("Slice", "slot_bias", [rows.slot_bias, *slots])
-    queries = take("queries", rows.q_rows)
-    keys = _gathered(c, "keys", rows.k_rows, global_index)
-    values = _gathered(c, "values", rows.v_rows, global_index)
-    every_slot = c.op("Equal", "every_slot", [c.op("ReduceMin", "fewest", [counts], keepdims=1), longest])
-    unmasked = c.op("Squeeze", "unmasked", [c.op("And", "whole", [every_slot, rows.whole_keys])])
-
-    def branch(name: str, masked: bool) -> gs.Graph:
-        nodes: list[gs.Node] = []
-        e = Builder(nodes, f"{c.prefix}{name}/")
-        scores = e.op("Mul", "scaled", [e.op("MatMul", "scores", [queries, e.op("Transpose", "keys_t", [keys],
-                                                                                    perm=[0, 2, 1])]),
-                                          e.const("scale", scale, np.float32)])
-        if masked:
-            bias = e.op("Add", "bias_blocks", [e.op("Gather", "key_tail", [rows.key_bias, local_index], axis=0),
-                                               e.op("Unsqueeze", "slot_bias_3", [slot_bias, e.const("ax2", [2])])])
-            scores = e.op("Add", "biased", [scores, e.op("Reshape", "bias", [bias, e.const("bias_shape", [0, 1, -1])])])
-        out = e.op("MatMul", "weighted", [e.op("Softmax", "weights", [scores], axis=-1), values])
-        if masked:
-            nonempty = e.op("Greater", "nonempty", [e.op("Unsqueeze", "counts_3", [counts, e.const("ax12", [1, 2])]),
-                                                    e.const("zero_count", 0)])
-            out = e.op("Where", "result", [nonempty, out, e.const("zero_out", 0.0, np.float32)])
-        out.dtype, out.shape = np.float32, [None, None, None]
-        return gs.Graph(nodes=nodes, outputs=[out], name=f"{c.prefix}{name}")
-
-    result = c.op("If", "attend", [unmasked], then_branch=branch("whole", False), else_branch=branch("masked", True))
+    one_head = c.op("Equal", "one_head", [c.op("ReduceMin", "first_head", [heads], keepdims=1),
+                                          c.op("ReduceMax", "last_head", [heads], keepdims=1)])
+    every_block = c.op("And", "every_block", [c.op("Equal", "all_listed", [fewest, rows.key_blocks]), one_head])
+    dense = c.op("Squeeze", "dense", [c.op("And", "dense_whole", [every_block, rows.whole_keys])])
+    gathered = _gathered_chunk(c, rows, scale, queries, counts, fewest, longest, first, end)
+    result = c.op("If", "attend", [dense], then_branch=_dense_chunk(c, rows, scale, queries, heads),
+                  else_branch=gathered)
     cond_out = c.op("Identity", "cond_out", [cond])
     cond_out.dtype, cond_out.shape = np.bool_, []
     result.dtype, result.shape = np.float32, [None, None, None]
     return gs.Graph(nodes=nodes, inputs=[step, cond], outputs=[cond_out, result], name=f"{b.prefix}chunk")
+
+
+def _branch(c: Builder, name: str) -> tuple[Builder, list[gs.Node]]:
+    nodes: list[gs.Node] = []
+    return Builder(nodes, f"{c.prefix}{name}/"), nodes
+
+
+def _attend(e: Builder, queries: gs.Tensor, keys: gs.Tensor, values: gs.Tensor, scale: float,
+            bias: gs.Tensor | None = None) -> gs.Tensor:
+    """softmax(scale * q k^T (+ bias)) v over the last two axes."""
+    keys_t = e.op("Transpose", "keys_t", [keys], perm=[0, 2, 1])
+    scores = e.op("Mul", "scaled", [e.op("MatMul", "scores", [queries, keys_t]), e.const("scale", scale, np.float32)])
+    if bias is not None:
+        scores = e.op("Add", "biased", [scores, bias])
+    return e.op("MatMul", "weighted", [e.op("Softmax", "weights", [scores], axis=-1), values])
+
+
+def _dense_chunk(c: Builder, rows: _Rows, scale: float, queries: gs.Tensor, heads: gs.Tensor) -> gs.Graph:
+    """Rows of one head listing every block: [1, chunk * block_q, D] queries against the head's keys."""
+    e, nodes = _branch(c, "dense")
+    head = e.op("Slice", "head", [heads, e.const("h0", [0]), e.const("h1", [1]), e.const("hax", [0])])
+    keys = e.op("Gather", "keys", [rows.k_heads, head], axis=0)
+    values = e.op("Gather", "values", [rows.v_heads, head], axis=0)
+    lead = e.op("Reshape", "queries", [queries, e.op("Concat", "q_shape", [e.const("q_lead", [1, -1]),
+                                                                          e.op("Shape", "d", [queries], start=-1)],
+                                                     axis=0)])
+    out = _attend(e, lead, keys, values, scale)
+    shape = e.op("Concat", "out_shape", [e.op("Shape", "rows_bq", [queries], start=0, end=2),
+                                         e.op("Shape", "dv", [values], start=-1)], axis=0)
+    result = e.op("Reshape", "result", [out, shape])
+    result.dtype, result.shape = np.float32, [None, None, None]
+    return gs.Graph(nodes=nodes, outputs=[result], name=f"{c.prefix}dense")
+
+
+def _gathered_chunk(c: Builder, rows: _Rows, scale: float, queries: gs.Tensor, counts: gs.Tensor,
+                    fewest: gs.Tensor, longest: gs.Tensor, first: gs.Tensor, end: gs.Tensor) -> gs.Graph:
+    """The listed blocks gathered per row (as many slots as the longest list), masked where needed."""
+    g, nodes = _branch(c, "gathered")
+    slots = [g.op("Concat", "s_begin", [first, g.const("zero", [0])], axis=0),
+             g.op("Concat", "s_end", [end, longest], axis=0), g.const("s_axes", [0, 1])]
+    global_index = g.op("Slice", "global_index", [rows.global_index, *slots])
+    local_index = g.op("Slice", "local_index", [rows.local_index, *slots])
+    slot_bias = g.op("Slice", "slot_bias", [rows.slot_bias, *slots])
+    keys = _gathered(g, "keys", rows.k_rows, global_index)
+    values = _gathered(g, "values", rows.v_rows, global_index)
+    unmasked = g.op("Squeeze", "unmasked", [g.op("And", "whole", [g.op("Equal", "every_slot", [fewest, longest]),
+                                                                  rows.whole_keys])])
+    w, whole_nodes = _branch(g, "whole")
+    whole = _attend(w, queries, keys, values, scale)
+    m, masked_nodes = _branch(g, "masked")
+    bias = m.op("Add", "bias_blocks", [m.op("Gather", "key_tail", [rows.key_bias, local_index], axis=0),
+                                       m.op("Unsqueeze", "slot_bias_3", [slot_bias, m.const("ax2", [2])])])
+    out = _attend(m, queries, keys, values, scale, m.op("Reshape", "bias", [bias, m.const("bias_shape", [0, 1, -1])]))
+    nonempty = m.op("Greater", "nonempty", [m.op("Unsqueeze", "counts_3", [counts, m.const("ax12", [1, 2])]),
+                                            m.const("zero_count", 0)])
+    masked = m.op("Where", "result", [nonempty, out, m.const("zero_out", 0.0, np.float32)])
+    for tensor in (whole, masked):
+        tensor.dtype, tensor.shape = np.float32, [None, None, None]
+    result = g.op("If", "attend", [unmasked],
+                  then_branch=gs.Graph(nodes=whole_nodes, outputs=[whole], name=f"{g.prefix}whole"),
+                  else_branch=gs.Graph(nodes=masked_nodes, outputs=[masked], name=f"{g.prefix}masked"))
+    result.dtype, result.shape = np.float32, [None, None, None]
+    return gs.Graph(nodes=nodes, outputs=[result], name=f"{c.prefix}gathered")
 
 
 # --------------------------------------------------------------------------------------------- mask producers

@@ -127,6 +127,10 @@ def export(
     if spatial_crossover is not None:
         check_crossover(spatial_crossover)
     attention_spec = _attention_spec(sparse_attention, attention_fp8)
+    if ops == "plugins" and attention_spec is not None and attention_spec.fp8 != "off":
+        raise InputError(f"--attention-fp8 {attention_fp8} with --ops plugins: BlockSparseAttention's TensorRT plugin "
+                         "takes fp8 off only (V's per-channel scales need a second kernel); export the plugins form "
+                         "without --attention-fp8, or the portable form with it.")
     inputs = Example(arrays) if arrays else random_example(shape)
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:

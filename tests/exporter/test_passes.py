@@ -23,9 +23,10 @@ from zoo.tokens import TOKENS_ZOO, set_kept_fraction
 
 
 def test_every_pass_has_a_record_type_and_known_forms() -> None:
-    assert [p.name for p in PASSES] == list(PASS_RECORDS) == ["spatial", "tokens", "attention"]
+    assert [p.name for p in PASSES] == list(PASS_RECORDS) == ["spatial", "tokens", "sparse_attention", "attention"]
     assert all(p.forms and set(p.forms) <= set(FORMS) for p in PASSES)
-    assert [p.name for p in PASSES if "plugins" in p.forms] == ["spatial"], "only TensorRT-parsable output"
+    assert [p.name for p in PASSES if "plugins" in p.forms] == ["spatial", "sparse_attention"], \
+        "only TensorRT-parsable output"
 
 
 def _dyt() -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -56,7 +57,8 @@ def test_no_lower_spatial_is_no_pass_spatial(tmp_path: Path) -> None:
 
 
 def test_unknown_pass_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"--no-pass tiles names no pass; the passes are spatial, tokens, attention"):
+    with pytest.raises(InputError, match=r"--no-pass tiles names no pass; the passes are spatial, tokens, "
+                                         r"sparse_attention, attention"):
         dync.export(torch.nn.Linear(4, 2), tmp_path / "x.dync", input_shape=(2, 4), skip_passes=["tiles"])
     assert not (tmp_path / "x.dync").exists()
 

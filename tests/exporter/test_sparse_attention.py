@@ -30,6 +30,7 @@ from dync.exporter.passes.sparse_attention import parse_sparse_attention, sparsi
 from dync.plugins.block_sparse_attention import reference as ref
 from dync.plugins.block_sparse_attention import tile_order, tile_window_lists
 from dync.verify import verify
+from tests.conftest import invoke
 from tests.helpers import max_abs_rel_error
 from zoo.video_dit import VideoDiT, token_grid, video_dit_example, video_dit_tiny
 
@@ -111,6 +112,8 @@ def test_tile_package_lists_each_attention_with_its_rule(tile_package: Path) -> 
     assert all("tile 2x4x4, window 1x2x2 over a 4x8x8 grid, dense while t > 500" in r["rule"] for r in records)
     manifest = json.loads((tile_package / "manifest.json").read_text())
     assert manifest["verification"]["passed"] and manifest["verification"]["dense_attention"]
+    assert [(t["name"], t["dtype"]) for t in manifest["inputs"]] == [("x", "float32"), ("t", "float32"),
+                                                                     ("context", "float32")]
 
 
 def test_tile_package_equals_eager_with_the_same_mask_below_the_schedule(model: VideoDiT, tile_package: Path) -> None:
@@ -158,13 +161,25 @@ def test_inspect_names_rule_density_and_fp8(meansim_package: Path) -> None:
     assert "checked with every block listed" in text
 
 
-def test_a_grid_that_does_not_match_the_tokens_is_refused_naming_the_nodes(model: VideoDiT, tmp_path: Path) -> None:
+class _SelfAttention(torch.nn.Module):
+    """SDPA over 64 tokens, 2 heads of 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(x.shape[0], 64, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def test_a_grid_that_does_not_match_the_tokens_is_refused_naming_the_nodes(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SparseAttentionWarning)
-        with pytest.raises(ExportError, match=r"left every softmax attention dense \(.*256 queries and 256 keys, but "
-                                              r"the tile grid 4x8x4 has 128 tokens"):
-            dync.exporter.export(model, tmp_path / "bad.dync", example=video_dit_example(2),
-                                 sparse_attention="tile:T=4,H=8,W=4,tile=2x4x4,window=1x1x1")
+        with pytest.raises(ExportError, match=r"left every softmax attention dense \(node_\w+: it has 64 queries "
+                                              r"and 64 keys, but the tile grid 2x4x4 has 32 tokens"):
+            dync.exporter.export(_SelfAttention().eval(), tmp_path / "bad.dync", input_shape=(2, 64, 16),
+                                 sparse_attention="tile:T=2,H=4,W=4,tile=1x2x2,window=1x1x1")
     assert not (tmp_path / "bad.dync").exists()
 
 
@@ -255,3 +270,16 @@ def test_flex_attention_with_a_token_level_mask_is_refused_naming_the_block(tmp_
 
 def test_token_grid_of_the_look_alike_is_what_the_tile_spec_names(model: VideoDiT) -> None:
     assert token_grid(model) == (4, 8, 8)
+
+
+def test_cli_refuses_a_bad_spec_in_one_line_before_loading(tmp_path: Path) -> None:
+    result = invoke(["export", str(tmp_path / "absent.pt2"), "-o", str(tmp_path / "p.dync"),
+                     "--sparse-attention", "meansim:cdf=2"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: --sparse-attention 'meansim:cdf=2': cdf=2 is outside (0, 1]" in result.stderr
+
+
+def test_fp8_in_the_plugins_form_is_refused_before_capture(model: VideoDiT, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"--attention-fp8 e4m3 with --ops plugins"):
+        dync.exporter.export(model, tmp_path / "p.dync", example=video_dit_example(2), ops="plugins",
+                             sparse_attention="dense", attention_fp8="e4m3")

@@ -1,18 +1,14 @@
-"""The Wan-style video DiT look-alike runs eagerly and exports unmodified: forward(x, t, context) with a 5-D
+"""The Wan-style video DiT look-alike runs eagerly as its authors' model does: forward(x, t, context) with a 5-D
 latent, float timesteps and a pooled text vector, float64 timestep and RoPE arithmetic, SDPA self-attention.
-The export verifies itself against eager at batches 2, 1 and 3; the package then matches eager at batches it
-never saw."""
+Its export (unmodified, verified against eager at batches 2, 1 and 3) is tests/exporter/test_sparse_attention.py's
+fixture."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import dync
-from dync.runtime.engine import Engine
 from tests.helpers import assert_close, max_abs_rel_error
 from zoo.video_dit import VIDEO_DIT_ZOO, VideoDiT, token_grid, video_dit_example, video_dit_tiny
 
@@ -26,12 +22,6 @@ def _eager(model: VideoDiT, arrays: dict[str, np.ndarray]) -> np.ndarray:
 def model() -> VideoDiT:
     torch.manual_seed(0)
     return video_dit_tiny()
-
-
-@pytest.fixture(scope="module")
-def engine(model: VideoDiT, tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    path = tmp_path_factory.mktemp("video_dit") / "v.dync"
-    return dync.load(dync.exporter.export(model, path, example=video_dit_example(2)))
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -60,21 +50,3 @@ def test_token_grid_and_zoo() -> None:
     assert example(1)["x"].shape == (1, bench.in_dim, *bench.latent_size)
     with pytest.raises(TypeError):
         video_dit_example(1, no_such_size=3)
-
-
-def test_package_inputs(engine: Engine) -> None:
-    assert [(t.name, t.dtype) for t in engine.manifest.inputs] == [
-        ("x", "float32"), ("t", "float32"), ("context", "float32")]
-    assert engine.manifest.verification is not None
-
-
-@pytest.mark.parametrize("batch", [1, 2, 5])
-def test_package_matches_eager(model: VideoDiT, engine: Engine, batch: int) -> None:
-    arrays = video_dit_example(batch, seed=10 + batch)
-    assert_close(engine.run(arrays).logits, _eager(model, arrays), what=f"batch {batch}")
-
-
-def test_package_reloads(engine: Engine, model: VideoDiT) -> None:
-    arrays = video_dit_example(3, seed=3)
-    again = dync.load(Path(engine.package_dir))
-    np.testing.assert_array_equal(again.run(arrays).logits, engine.run(arrays).logits)

@@ -158,7 +158,7 @@ def export(
     example_feeds = StageCheck.on_inputs(stages, inputs.arrays).feeds if attention_spec is not None else None
     records = _run_passes(stages, context, skipped, check, example_feeds)
     if attention_spec is not None:
-        _check_sparsified(records.get("sparse_attention", []), attention_spec)
+        _check_sparsified(records.get("sparse_attention", []), attention_spec, stages)
     package_name = name or output.name.removesuffix(".dync")
     manifest = _manifest(package_name, specs, stages, probe, _provenance(source, shape, inputs, stages[0].model))
     manifest.output_selection = captured.output_paths
@@ -258,14 +258,19 @@ def _attention_spec(sparse_attention: str | None, attention_fp8: str) -> SparseA
     return parse_sparse_attention(sparse_attention or "dense", attention_fp8)
 
 
-def _check_sparsified(records: list[PassRecord], spec: SparseAttentionSpec) -> None:
-    """ExportError when `--sparse-attention` found nothing it could make sparse (it was asked for)."""
+def _check_sparsified(records: list[PassRecord], spec: SparseAttentionSpec, stages: list[Stage]) -> None:
+    """ExportError when `--sparse-attention` found nothing it could make sparse (it was asked for), naming the
+    Softmax nodes it could not take when there are any."""
     if any(r.applied for r in records):
         return
     if not records:
-        raise ExportError(f"--sparse-attention {spec.describe()} found no softmax attention in the model (it takes "
-                          "scaled_dot_product_attention and the matmul-softmax-matmul chain over 4-D [batch, heads, "
-                          "tokens, dim] tensors); export without it.")
+        softmaxes = [n.name for stage in stages for n in stage.model.graph.node if n.op_type == "Softmax"]
+        found = (f"its Softmax nodes {', '.join(softmaxes[:5])}{' ...' if len(softmaxes) > 5 else ''} are not"
+                 if softmaxes else "the model has no Softmax,")
+        raise ExportError(f"--sparse-attention {spec.describe()} found no softmax attention it can take: {found} in "
+                          "a matmul-softmax-matmul chain over 4-D [batch, heads, tokens, dim] tensors (what "
+                          "scaled_dot_product_attention exports as); write the attention that way or export without "
+                          "--sparse-attention.")
     reasons = "; ".join(f"{r.node}: {r.reason}" for r in records)
     raise ExportError(f"--sparse-attention {spec.describe()} left every softmax attention dense ({reasons}).")
 

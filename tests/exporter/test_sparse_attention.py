@@ -183,6 +183,25 @@ def test_a_grid_that_does_not_match_the_tokens_is_refused_naming_the_nodes(tmp_p
     assert not (tmp_path / "bad.dync").exists()
 
 
+class _FoldedHeadsAttention(torch.nn.Module):
+    """Heads folded into the batch, [B * heads, tokens, dim]: a 3-D chain the matcher does not take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(-1, 64, 3, 8).unbind(2)
+        return ((q @ k.transpose(1, 2) * 0.35).softmax(-1) @ v).reshape(x.shape[0], 64, 16)
+
+
+def test_an_attention_the_matcher_cannot_take_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"found no softmax attention it can take: its Softmax nodes node_\w+ are "
+                                          r"not in a matmul-softmax-matmul chain over 4-D"):
+        dync.exporter.export(_FoldedHeadsAttention().eval(), tmp_path / "folded.dync", input_shape=(2, 64, 16),
+                             sparse_attention="meansim:topk=0.5,block=16")
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("tile:T=21,H=30,W=52,tile=6x8x8,window=3x3x3", r"tile 6x8x8 does not divide the token grid 21x30x52.*T=21: 1, "
                                                     r"3, 7, 21"),

@@ -273,11 +273,12 @@ def test_sparse_lists_are_not_dense_attention():
 
 
 def test_chunked_loop_with_a_partial_last_chunk_gives_the_same_result(monkeypatch: pytest.MonkeyPatch):
-    """54 rows (B * H * QB) in chunks of 5: 11 iterations, the last holding 4 rows."""
+    """54 rows (B * H * QB) in chunks of 5: 11 iterations, the last holding 4 rows (with the default budget,
+    one chunk per head: 6)."""
     case = AttentionCase("many_rows", 2, 3, 70, 45, 8, 6, 8, 8)
     feeds = _attention_feeds(case)
     whole = _attention_model(case, feeds)
-    assert _loop_trip_count(whole, feeds) == 1
+    assert _loop_trip_count(whole, feeds) == case.b * case.h
     longest = int(feeds["kv_count"].max())
     monkeypatch.setattr(bsa, "GATHER_BUDGET", 5 * longest * case.block_k * max(case.d, case.dv))
     chunked = _attention_model(case, feeds)
@@ -710,6 +711,12 @@ def test_check_lists_rejects_bad_lists(edit: Any, match: str):
         ref.check_lists(q, k, count, index, 8, 8)
     with pytest.raises(PluginError, match=match):
         ref.block_sparse_attention_reference(q, k, q, count, index, 8, 8, 0.5)
+
+
+def test_check_lists_rejects_lists_broadcast_differently():
+    q, k, count, index = _list_check_inputs()
+    with pytest.raises(PluginError, match=r"with the same B' and H', got \(2, 1, 3\) and \(1, 1, 3, 2\)"):
+        ref.check_lists(q, k, count.expand(2, 1, 3), index, 8, 8)
 
 
 def test_check_lists_ignores_unlisted_slots():

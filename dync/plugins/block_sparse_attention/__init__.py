@@ -150,9 +150,10 @@ def decompose_block_sparse_attention(b: Builder, inputs: Sequence[gs.Tensor], ou
                                      block_q: int, block_k: int, scale: float, fp8: str = "off") -> None:
     """BlockSparseAttention from standard ops, doing only the listed blocks' work.
 
-    Rows are (batch, head, query block); a Loop takes them in chunks sized so that the keys and values it
-    gathers stay within GATHER_BUDGET elements. Per chunk: the listed key blocks are gathered (as many slots
-    as the chunk's longest list), then MatMul, Softmax, MatMul, with unlisted slots and keys past S masked.
+    Rows are (batch, head, query block); a Loop takes them in chunks of at most one head's rows, sized so
+    that the keys and values it gathers stay within GATHER_BUDGET elements. Per chunk: the listed key blocks
+    are gathered (as many slots as the chunk's longest list), then MatMul, Softmax, MatMul, with unlisted
+    slots and keys past S masked (`_chunk_body` has the chunk's three forms).
     """
     q, k, v, count, index = inputs[:5]
     qb = _ceil_div(b, "qb", _dim(b, "l", q, 2), block_q)
@@ -191,7 +192,8 @@ class _Rows:
         slots = _dim(b, "m", index, 3)
         counts = _flat(b, "counts", count, [bh, qb], [b.const("flat", [-1])])
         flat_index = _flat(b, "index", index, [bh, qb, slots], [b.const("rows_any", [-1]), slots])
-        chunk = _chunk_rows(b, counts, b.op("Max", "width", [_dim(b, "d", q, 3), _dim(b, "dv", v, 3)]), block_k)
+        width = b.op("Max", "width", [_dim(b, "d", q, 3), _dim(b, "dv", v, 3)])
+        chunk = _chunk_rows(b, counts, width, block_k, qb)
         iterations = b.op("Max", "iterations", [_ceil_div_t(b, "chunks", count_rows, chunk), b.const("once", [1])])
         padded_rows = b.op("Mul", "padded_rows", [iterations, chunk])
         extra = b.op("Sub", "extra_rows", [padded_rows, count_rows])
@@ -227,11 +229,13 @@ def _flat(b: Builder, name: str, lists: gs.Tensor, full: list[gs.Tensor], flat: 
     return b.op("Reshape", f"{name}_rows", [expanded, b.op("Concat", f"{name}_flat", flat, axis=0)])
 
 
-def _chunk_rows(b: Builder, counts: gs.Tensor, width: gs.Tensor, block_k: int) -> gs.Tensor:
-    """Rows per loop iteration: as many as keep the gathered keys of the longest list within GATHER_BUDGET."""
+def _chunk_rows(b: Builder, counts: gs.Tensor, width: gs.Tensor, block_k: int, qb: gs.Tensor) -> gs.Tensor:
+    """Rows per loop iteration: as many as keep the gathered keys of the longest list within GATHER_BUDGET, and
+    at most one head's query blocks, so that a head listing every block is one chunk of its own (the dense
+    form) at any sequence length."""
     longest = b.op("Max", "longest", [b.op("ReduceMax", "most", [counts], keepdims=1), b.const("one", [1])])
     per_row = b.op("Mul", "row_elems", [b.op("Mul", "row_keys", [longest, b.const("bk", [block_k])]), width])
-    fit = b.op("Div", "fit", [b.const("budget", [GATHER_BUDGET]), per_row])
+    fit = b.op("Min", "fit", [b.op("Div", "fit_budget", [b.const("budget", [GATHER_BUDGET]), per_row]), qb])
     return b.op("Max", "chunk", [fit, b.const("one_row", [1])])
 
 

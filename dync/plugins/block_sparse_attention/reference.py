@@ -93,6 +93,9 @@ def check_lists(q: torch.Tensor, k: torch.Tensor, kv_count: torch.Tensor, kv_ind
         raise PluginError(f"BlockSparseAttention over {q.shape[2]} queries in blocks of {block_q} needs lists for "
                           f"{qb} query blocks, got kv_count {tuple(kv_count.shape)} and kv_index "
                           f"{tuple(kv_index.shape)}.")
+    if kv_count.dim() != 3 or kv_index.dim() != 4 or kv_count.shape != kv_index.shape[:3]:
+        raise PluginError(f"BlockSparseAttention needs kv_count [B', H', QB] and kv_index [B', H', QB, M] with the "
+                          f"same B' and H', got {tuple(kv_count.shape)} and {tuple(kv_index.shape)}.")
     listed = torch.arange(kv_index.shape[-1]) < kv_count[..., None]
     if bool(((kv_index < 0) | (kv_index >= kb))[listed].any()) or bool((kv_count > kv_index.shape[-1]).any()):
         raise PluginError(f"BlockSparseAttention's kv_index lists a key block outside [0, {kb}) or kv_count exceeds "

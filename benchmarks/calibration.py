@@ -5,9 +5,14 @@ Run from the repository root:  python -m benchmarks.calibration [--repeats 15]
 1. Budget: the bundled digits model is calibrated on one half of its held-out split for budgets 0.3, 0.5
    and 0.7 of the full model (MACs, and predicted latency at batch 64), and the cost is measured on the other
    half. Goal: held-out cost within [0.85, 1.05] x budget.
-2. MACs: the package's cumulative MACs of the full model against `torch.utils.flop_counter` on the eager
+2. Thresholds: on the digits model (labels) and the zoo's 7-exit MSDNet-like model (random weights and
+   inputs; accuracy is agreement with its last exit), thresholds searched on one half at budgets 0.2, 0.3,
+   0.5 and 0.7 (`dync.calib.search`), against the best uniform threshold and the best geometric setting
+   found on the same half, all scored on the other half. Goal: dync never less accurate than either at
+   equal or lower held-out cost, held-out cost within [0.85, 1.05] x budget.
+3. MACs: the package's cumulative MACs of the full model against `torch.utils.flop_counter` on the eager
    forward (which counts 2 FLOPs per multiply-accumulate). Goal: within 10%.
-3. Latency: the time `dync profile` predicts for a run (with compaction) against the measured median, at
+4. Latency: the time `dync profile` predicts for a run (with compaction) against the measured median, at
    batch 1 and 64, all samples at the last exit and the batch split evenly over the exits. Goal: within 15%.
 """
 
@@ -24,8 +29,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import dync
 from dync.bench import spreading_thresholds
 from dync.calib.budget import flops_cost
-from dync.calib.calibrate import BudgetRequest, calibrate_package, latency_cost
+from dync.calib.calibrate import BudgetRequest, calibrate_package, exit_outputs, latency_cost
 from dync.calib.profile import profile_stages, save_profile
+from dync.calib.search import Evaluation, best_within, calibrate
 from dync.demo import load_example
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import forcing_thresholds, resolve_thresholds
@@ -33,6 +39,7 @@ from dync.timing import median_times
 from zoo.multi_exit import ZOO, msdnet_cifar7
 
 BUDGETS = (0.3, 0.5, 0.7)
+SEARCH_BUDGETS = (0.2, 0.3, 0.5, 0.7)
 LATENCY_BATCHES = (1, 64)
 
 
@@ -50,6 +57,38 @@ def budget_rows(engine: Engine, x: np.ndarray, y: np.ndarray) -> list[str]:
             ok = "yes" if 0.85 * budget <= cost <= 1.05 * budget else "NO"
             rows.append(f"| {metric} | {budget} | {result.chosen.cost:.3f} | {cost:.3f} | {cost / budget:.2f} | "
                         f"{ok} | {accuracy:.1%} |")
+    return rows
+
+
+def _halves(engine: Engine, x: np.ndarray, y: np.ndarray | None) -> list[Evaluation]:
+    """The search half and the held-out half as scored settings see them (labels, or agreement with the last
+    exit)."""
+    half = len(x) // 2
+    cost_of = flops_cost([e.cumulative_macs for e in engine.manifest.exits])
+    evaluations = []
+    for part, labels in ((x[:half], None if y is None else y[:half]), (x[half:], None if y is None else y[half:])):
+        outputs = exit_outputs(engine, engine.input_feeds(part))
+        truth = outputs[-1].argmax(axis=-1) if labels is None else labels
+        evaluations.append(Evaluation(engine.criteria.confidences(outputs),
+                                      np.stack([o.argmax(axis=-1) == truth for o in outputs]), cost_of))
+    return evaluations
+
+
+def threshold_rows(name: str, engine: Engine, x: np.ndarray, y: np.ndarray | None) -> list[str]:
+    search_half, held_out = _halves(engine, x, y)
+    rows = []
+    for budget in SEARCH_BUDGETS:
+        result = calibrate(search_half.confidences, search_half.cost_of, budget, list(search_half.correct))
+        picks = {"dync": result.chosen, "uniform": best_within(result.uniform, budget),
+                 "geometric": best_within(result.curve, budget)}
+        scored = {key: held_out.setting(s.thresholds, s.family) for key, s in picks.items()}
+        dync_ = scored["dync"]
+        dominated = any(o.accuracy > dync_.accuracy and o.cost <= dync_.cost
+                        for key, o in scored.items() if key != "dync")
+        within = 0.85 * budget <= dync_.cost <= 1.05 * budget
+        cells = " | ".join(f"{scored[key].accuracy:.1%} @ {scored[key].cost:.3f}" for key in picks)
+        rows.append(f"| {name} | {budget} | {cells} | {dync_.family} | {'no' if dominated else 'yes'} | "
+                    f"{'yes' if within else 'NO'} |")
     return rows
 
 
@@ -111,6 +150,15 @@ def main() -> None:
         print("| metric | budget | calibrated cost | held-out cost | held-out / budget | in [0.85, 1.05] "
               "| held-out accuracy |\n| --- | --- | --- | --- | --- | --- | --- |")
         print("\n".join(budget_rows(digits_engine, x, y)))
+
+        print("\nThresholds searched on one half, scored on the other: held-out accuracy @ cost (x full MACs)\n")
+        print("| model | budget | dync | best uniform | best geometric | dync's search | dync not dominated "
+              "| dync cost in [0.85, 1.05] x budget |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+        rows = threshold_rows("digits (example)", digits_engine, x, y)
+        msdnet_engine = dync.load(work / "msdnet_cifar7.dync")
+        rows += threshold_rows("msdnet_cifar7 (agreement)", msdnet_engine, msdnet_engine.example_input(2000, seed=5),
+                               None)
+        print("\n".join(rows))
 
         print("\nLatency predicted from the profile / measured median, msdnet_cifar7 (7 exits)\n")
         print("| batch | exits | predicted / measured | within 15% |\n| --- | --- | --- | --- |")

@@ -197,13 +197,15 @@ class CalibrationRecord:
     budget: float
     budget_ms: float | None
     batch_size: int | None
-    q: float
+    q: float | None
     expected_cost: float
     expected_accuracy: float | None
     exit_counts: list[int]
     samples: int
     min_cost: float
     created: str
+    family: str = "geometric"
+    """Which search found the setting: geometric (with its q), uniform or direct (dync.calib.search)."""
 
 
 # --------------------------------------------------------------------------------------------- pass records

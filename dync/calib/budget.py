@@ -1,4 +1,5 @@
-"""Exit thresholds for a cost budget: the budgeted-batch procedure of MSDNet and RANet.
+"""Exit thresholds for a cost budget: the budgeted-batch procedure of MSDNet and RANet (`search.py` puts
+it beside a uniform and a direct search and chooses).
 
 Exit shares come from a geometric family, p_k proportional to q^k (q < 1 favours early exits, q > 1 late
 ones). For a given q, each exit's threshold is set from the sorted confidences of the samples still running
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,22 +29,31 @@ CostOfExits = Callable[[np.ndarray], float]
 
 @dataclass
 class Setting:
-    """One point of the budgeted-batch curve."""
+    """One setting of the thresholds: the exit counts, cost and accuracy it gives on the validation data, and
+    the family it came from ("geometric", with its q; "uniform"; "direct", see `search.py`)."""
 
-    q: float
+    q: float | None
     thresholds: np.ndarray
     exit_counts: np.ndarray
     cost: float
     accuracy: float | None
+    family: str = "geometric"
 
 
 @dataclass
 class Calibration:
+    """The chosen setting; the geometric `curve`, the `uniform` one and the Pareto `front` of every setting
+    evaluated (empty without accuracies); `stability`: the (min, max) cost and accuracy of the choice rerun
+    on bootstrap resamples (None when not measured)."""
+
     chosen: Setting
     curve: list[Setting]
     anytime: list[tuple[float, float | None]]
     budget: float
     min_cost: float
+    uniform: list[Setting] = field(default_factory=list)
+    front: list[Setting] = field(default_factory=list)
+    stability: tuple[tuple[float, float], tuple[float, float]] | None = None
 
 
 def geometric_shares(q: float, num_exits: int) -> np.ndarray:
@@ -105,19 +115,3 @@ def choose(curve: list[Setting], budget: float, min_cost: float) -> Setting:
     if near[0].accuracy is None:
         return max(near, key=lambda s: s.cost)
     return max(near, key=lambda s: (s.accuracy, s.cost))
-
-
-def calibrate(
-    confidences: Sequence[np.ndarray],
-    cost_of: CostOfExits,
-    budget: float,
-    correct: Sequence[np.ndarray] | None = None,
-) -> Calibration:
-    num_exits = len(confidences)
-    size = len(confidences[0])
-    at_exit = [np.full(size, k, dtype=np.int64) for k in range(num_exits)]
-    min_cost = cost_of(at_exit[0])
-    curve = budgeted_curve(confidences, cost_of, correct)
-    anytime = [(cost_of(e), None if correct is None else float(c.mean()))
-               for e, c in zip(at_exit, correct or [None] * num_exits, strict=True)]
-    return Calibration(choose(curve, budget, min_cost), curve, anytime, budget, min_cost)

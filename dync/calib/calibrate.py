@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dync.calib.budget import Calibration, CostOfExits, calibrate, flops_cost
+from dync.calib.budget import Calibration, CostOfExits, flops_cost
+from dync.calib.search import calibrate
 from dync.errors import InputError
 from dync.inputs import Inputs, batch_of
 from dync.package import write_manifest
@@ -75,11 +76,14 @@ def latency_cost(engine: Engine, batch_size: int) -> CostOfExits:
     from dync.calib.profile import load_profile
 
     profile = load_profile(engine.package_dir, engine.backend.name)
+    full: dict[int, float] = {}  # the denominator depends on the sample count only; searches ask thousands of times
 
     def cost(exits: np.ndarray) -> float:
-        chunks = [exits[i : i + batch_size] for i in range(0, len(exits), batch_size)]
-        predicted = sum(profile.predict_batch_seconds(c) for c in chunks)
-        return predicted / sum(profile.predict_full_seconds(len(c)) for c in chunks)
+        counts = np.zeros((-(-len(exits) // batch_size), profile.num_stages), dtype=np.int64)
+        np.add.at(counts, (np.arange(len(exits)) // batch_size, exits), 1)  # exit counts per batch of the data
+        if len(exits) not in full:
+            full[len(exits)] = sum(profile.predict_full_seconds(int(n)) for n in counts.sum(axis=1))
+        return profile.predict_batches_seconds(counts) / full[len(exits)]
 
     return cost
 
@@ -89,6 +93,10 @@ def full_model_ms_per_sample(engine: Engine, batch_size: int) -> float:
 
     profile = load_profile(engine.package_dir, engine.backend.name)
     return profile.predict_full_seconds(batch_size) / batch_size * 1e3
+
+
+BOOTSTRAPS = 5
+"""Resamples the choice is rerun on to say how stable it is."""
 
 
 def calibrate_package(
@@ -111,8 +119,9 @@ def calibrate_package(
     if budget is None:
         budget = request.budget_ms / full_model_ms_per_sample(engine, request.batch_size)
     confidences = engine.criteria.confidences(outputs)
-    correct = None if labels is None else [o.argmax(axis=-1) == labels for o in outputs]
-    result = calibrate(confidences, cost_of, budget, correct)
+    truth = outputs[-1].argmax(axis=-1) if labels is None else labels  # without labels: agreement with the full model
+    correct = [o.argmax(axis=-1) == truth for o in outputs]
+    result = calibrate(confidences, cost_of, budget, correct, bootstraps=BOOTSTRAPS)
     _store(engine, result, request, batch_of(feeds))
     return result
 
@@ -127,6 +136,7 @@ def _store(engine: Engine, result: Calibration, request: BudgetRequest, samples:
         budget_ms=request.budget_ms,
         batch_size=request.batch_size if request.metric == "latency" else None,
         q=chosen.q,
+        family=chosen.family,
         expected_cost=chosen.cost,
         expected_accuracy=chosen.accuracy,
         exit_counts=chosen.exit_counts.tolist(),
@@ -139,18 +149,28 @@ def _store(engine: Engine, result: Calibration, request: BudgetRequest, samples:
 
 def format_calibration(result: Calibration, metric: str) -> str:
     chosen = result.chosen
-    accuracy = "" if chosen.accuracy is None else f", accuracy {chosen.accuracy:.2%}"
+    source = f"q={chosen.q:.3g}" if chosen.q is not None else f"{chosen.family} search"
     lines = [
         f"budget {result.budget:.3f} x full ({metric}); cheapest possible {result.min_cost:.3f}",
-        f"chosen q={chosen.q:.3g}: expected cost {chosen.cost:.3f} x full{accuracy}, "
+        f"chosen ({source}): expected cost {chosen.cost:.3f} x full, accuracy {chosen.accuracy:.2%}, "
         f"exits {chosen.exit_counts.tolist()}",
         f"thresholds {[round(float(t), 4) for t in chosen.thresholds]}",
     ]
-    if chosen.accuracy is not None:
-        lines += ["", "budgeted batch (best accuracy within each cost):", "| cost <= | accuracy |", "| --- | --- |"]
-        for level in np.linspace(0.1, 1.0, 10):
-            under = [s.accuracy for s in result.curve if s.cost <= level + 1e-9]
-            lines.append(f"| {level:.1f} | {max(under):.2%} |" if under else f"| {level:.1f} | - |")
-        lines += ["", "anytime (every sample at one exit):", "| exit | cost | accuracy |", "| --- | --- | --- |"]
-        lines += [f"| {k} | {cost:.3f} | {acc:.2%} |" for k, (cost, acc) in enumerate(result.anytime)]
+    if result.stability is not None:
+        (low_cost, high_cost), (low_accuracy, high_accuracy) = result.stability
+        lines.append(f"stability: rerun on {BOOTSTRAPS} bootstrap resamples, the choice costs {low_cost:.3f}-"
+                     f"{high_cost:.3f} and scores {low_accuracy:.2%}-{high_accuracy:.2%} on this data")
+    lines += ["", "best accuracy within each cost (without labels: agreement with the last exit):",
+              "| cost <= | all searches (Pareto front) | uniform thresholds | geometric shares |",
+              "| --- | --- | --- | --- |"]
+    for level in np.linspace(0.1, 1.0, 10):
+        cells = [_best_under(settings, level) for settings in (result.front, result.uniform, result.curve)]
+        lines.append(f"| {level:.1f} | {' | '.join(cells)} |")
+    lines += ["", "anytime (every sample at one exit):", "| exit | cost | accuracy |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {cost:.3f} | {acc:.2%} |" for k, (cost, acc) in enumerate(result.anytime)]
     return "\n".join(lines)
+
+
+def _best_under(settings: list, level: float) -> str:
+    under = [s.accuracy for s in settings if s.cost <= level + 1e-9]
+    return f"{max(under):.2%}" if under else "-"

@@ -10,8 +10,9 @@ from dync.calib.budget import Calibration
 
 
 def plot_calibration(calibration: Calibration, path: str | Path, metric: str) -> Path:
-    """Left: accuracy against cost (budgeted-batch curve, anytime exits, chosen point); without labels, the
-    cost each q gives. Right: how many samples leave at each exit in the chosen setting."""
+    """Left: accuracy against cost (the Pareto front of every search, the uniform and geometric curves, anytime
+    exits, the chosen point); without accuracies, the cost each q gives. Right: how many samples leave at each
+    exit in the chosen setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,9 +20,13 @@ def plot_calibration(calibration: Calibration, path: str | Path, metric: str) ->
 
     chosen = calibration.chosen
     figure, (curve_axes, histogram_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
-    costs = np.array([s.cost for s in calibration.curve])
     if chosen.accuracy is not None:
-        curve_axes.plot(costs, [s.accuracy for s in calibration.curve], label="budgeted batch (geometric q)")
+        for settings, style, label in ((calibration.front, "-", "Pareto front of every search"),
+                                       (calibration.uniform, ":", "uniform threshold"),
+                                       (calibration.curve, "--", "budgeted batch (geometric q)")):
+            if settings:
+                ordered = sorted(settings, key=lambda s: s.cost)
+                curve_axes.plot([s.cost for s in ordered], [s.accuracy for s in ordered], style, label=label)
         anytime_costs, anytime_accuracy = zip(*calibration.anytime, strict=True)
         curve_axes.plot(anytime_costs, anytime_accuracy, "s--", label="anytime (every sample at exit k)")
         curve_axes.plot([chosen.cost], [chosen.accuracy], "r*", markersize=14, label="chosen")
@@ -29,6 +34,7 @@ def plot_calibration(calibration: Calibration, path: str | Path, metric: str) ->
         curve_axes.set_xlabel(f"mean {metric} cost / full model")
         curve_axes.set_ylabel("accuracy")
     else:
+        costs = np.array([s.cost for s in calibration.curve])
         curve_axes.semilogx([s.q for s in calibration.curve], costs, label="cost for q")
         curve_axes.plot([chosen.q], [chosen.cost], "r*", markersize=14, label="chosen")
         curve_axes.set_xlabel("q (exit shares proportional to q^k)")
@@ -41,7 +47,8 @@ def plot_calibration(calibration: Calibration, path: str | Path, metric: str) ->
     histogram_axes.set_xticks(exits)
     histogram_axes.set_xlabel("exit")
     histogram_axes.set_ylabel("samples")
-    histogram_axes.set_title(f"exits taken at q = {chosen.q:.3g}, cost {chosen.cost:.3f}")
+    source = f"q = {chosen.q:.3g}" if chosen.q is not None else f"the {chosen.family} search's thresholds"
+    histogram_axes.set_title(f"exits taken at {source}, cost {chosen.cost:.3f}")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)

@@ -94,8 +94,12 @@ class LatencyProfile:
             raise InputError(f"exits must be a 1-d integer array, got dtype {exits.dtype} and shape {exits.shape}.")
         if exits.min() < 0 or exits.max() >= self.num_stages:
             raise InputError(f"exits must lie in 0..{self.num_stages - 1} for a {self.num_stages}-stage profile.")
-        counts = np.bincount(exits, minlength=self.num_stages)
-        running = np.cumsum(counts[::-1])[::-1]  # running[k]: samples that run stage k
+        return self.predict_batches_seconds(np.bincount(exits, minlength=self.num_stages)[None])
+
+    def predict_batches_seconds(self, counts: np.ndarray) -> float:
+        """The summed predicted time of calls on batches whose exit counts are the rows of `counts` [batches,
+        stages]: `predict_batch_seconds` of many batches at once (threshold searches ask thousands of times)."""
+        running = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]  # running[b, k]: samples of batch b that run stage k
         return float(self._stage_costs(running).sum() + self._compaction_costs(running).sum())
 
     def predict_full_seconds(self, batch: int) -> float:
@@ -103,15 +107,17 @@ class LatencyProfile:
         return self.predict_batch_seconds(np.full(batch, self.num_stages - 1, dtype=np.int64))
 
     def _stage_costs(self, running: np.ndarray) -> np.ndarray:
-        """Each stage's call plus its share of the executor overhead, on running[k] samples (0 when none)."""
+        """Each stage's call plus its share of the executor overhead, on running[..., k] samples (0 when none)."""
         share = _interp(running, self.batch_sizes, self.overhead) / self.num_stages
-        return _interp(running, self.batch_sizes, self.seconds) + share
+        seconds = np.broadcast_to(self.seconds, (*running.shape[:-1], *self.seconds.shape))
+        return _interp(running, self.batch_sizes, seconds) + share
 
     def _compaction_costs(self, running: np.ndarray) -> np.ndarray:
         """After stage k the live state is indexed down only when some samples left and some go on."""
-        kept = running[1:]
-        compacts = (kept > 0) & (kept < running[:-1])
-        return np.where(compacts, _interp(kept, self.batch_sizes, self.compaction), 0.0)
+        kept = running[..., 1:]
+        compacts = (kept > 0) & (kept < running[..., :-1])
+        compaction = np.broadcast_to(self.compaction, (*kept.shape[:-1], *self.compaction.shape))
+        return np.where(compacts, _interp(kept, self.batch_sizes, compaction), 0.0)
 
     def to_json(self) -> dict[str, Any]:
         return {

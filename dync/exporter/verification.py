@@ -337,13 +337,13 @@ class StageCheck:
         feeds, outputs = [], []
         for stage in stages:
             feeds.append({name: state[name] for name in stage.reads})
-            outputs.append(_run(stage.model, feeds[-1]))
+            outputs.append(run_decomposed(stage.model, feeds[-1]))
             state.update(outputs[-1])
         return cls(feeds, outputs)
 
     def compare(self, k: int, rewritten: onnx.ModelProto) -> str | None:
         """None when `rewritten` computes stage k's original outputs on its feeds, else what differs."""
-        expected, got = self.outputs[k], _run(rewritten, self.feeds[k])
+        expected, got = self.outputs[k], run_decomposed(rewritten, self.feeds[k])
         for name, value in expected.items():
             off = _off(value, got[name], self.rtol, self.atol)
             if off is not None and off.shape is not None:
@@ -354,7 +354,7 @@ class StageCheck:
         return None
 
 
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_decomposed(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every output of `model` on `feeds`, `dync::` nodes through their decompositions."""
     session = ort.InferenceSession(decompose_custom_nodes(model).SerializeToString(),
                                    providers=["CPUExecutionProvider"])

@@ -71,9 +71,11 @@ def _dim(b: Builder, name: str, x: gs.Tensor, axis: int) -> gs.Tensor:
     return b.op("Shape", name, [x], start=axis, end=axis + 1)
 
 
-def _ceil_div(b: Builder, name: str, n: gs.Tensor, block: int) -> gs.Tensor:
-    return b.op("Div", name, [b.op("Add", f"{name}_up", [n, b.const(f"{name}_b", [block - 1])]),
-                              b.const(f"{name}_d", [block])])
+def _ceil_div(b: Builder, name: str, n: gs.Tensor, d: gs.Tensor | int) -> gs.Tensor:
+    """ceil(n / d) for a 1-D int64 tensor n of one element and a divisor given as such a tensor or an int."""
+    divisor = b.const(f"{name}_d", [d]) if isinstance(d, int) else d
+    up = b.op("Sub", f"{name}_up", [b.op("Add", f"{name}_sum", [n, divisor]), b.const(f"{name}_1", [1])])
+    return b.op("Div", name, [up, divisor])
 
 
 def _pad_axis2(b: Builder, name: str, x: gs.Tensor, missing: gs.Tensor) -> gs.Tensor:
@@ -194,7 +196,7 @@ class _Rows:
         flat_index = _flat(b, "index", index, [bh, qb, slots], [b.const("rows_any", [-1]), slots])
         width = b.op("Max", "width", [_dim(b, "d", q, 3), _dim(b, "dv", v, 3)])
         chunk = _chunk_rows(b, counts, width, block_k, qb)
-        iterations = b.op("Max", "iterations", [_ceil_div_t(b, "chunks", count_rows, chunk), b.const("once", [1])])
+        iterations = b.op("Max", "iterations", [_ceil_div(b, "chunks", count_rows, chunk), b.const("once", [1])])
         padded_rows = b.op("Mul", "padded_rows", [iterations, chunk])
         extra = b.op("Sub", "extra_rows", [padded_rows, count_rows])
         q_rows = _pad_rows(b, "q_rows", _as_rows(b, "q_rows", _blocks(b, "qblk", q, qb, block_q), block_q), extra, 3)
@@ -276,12 +278,6 @@ def _as_rows(b: Builder, name: str, blocks: gs.Tensor, block: int) -> gs.Tensor:
     shape = b.op("Concat", f"{name}_shape", [b.const(f"{name}_lead", [-1, block]),
                                              b.op("Shape", f"{name}_d", [blocks], start=-1)], axis=0)
     return b.op("Reshape", name, [blocks, shape])
-
-
-def _ceil_div_t(b: Builder, name: str, n: gs.Tensor, d: gs.Tensor) -> gs.Tensor:
-    """ceil(n / d) for 1-D int64 tensors."""
-    up = b.op("Sub", f"{name}_up", [b.op("Add", f"{name}_sum", [n, d]), b.const(f"{name}_1", [1])])
-    return b.op("Div", name, [up, d])
 
 
 def _gathered(c: Builder, name: str, rows: gs.Tensor, index: gs.Tensor) -> gs.Tensor:

@@ -127,18 +127,21 @@ def kept_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return keep.sum(-1), order.argsort(dim=-1, descending=True, stable=True)
 
 
+def _block_sizes(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[NB] in x's dtype: the real tokens of each block of x's axis 2 (the last may be partial)."""
+    n = x.shape[2]
+    return torch.clamp(n - torch.arange(blocks_of(n, block)) * block, max=block).to(x.dtype)
+
+
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, H, NB, D]: the mean of each block's tokens (a partial last block over its own tokens)."""
-    n = x.shape[2]
-    sizes = torch.clamp(n - torch.arange(blocks_of(n, block)) * block, max=block).to(x.dtype)
-    return _padded_blocks(x, block).sum(3) / sizes[:, None]
+    return _padded_blocks(x, block).sum(3) / _block_sizes(x, block)[:, None]
 
 
 def block_similarity(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, H, NB]: each block's mean pairwise cosine similarity (self pairs included), ||sum of unit rows||^2 / n^2."""
     unit = x / torch.clamp((x * x).sum(-1, keepdim=True).sqrt(), min=SIMILARITY_EPS)
-    n = x.shape[2]
-    sizes = torch.clamp(n - torch.arange(blocks_of(n, block)) * block, max=block).to(x.dtype)
+    sizes = _block_sizes(x, block)
     summed = _padded_blocks(unit, block).sum(3)
     return (summed * summed).sum(-1) / (sizes * sizes)
 

@@ -31,10 +31,10 @@ from dync.errors import SparseAttentionWarning
 from dync.exporter.passes.attention.fuse import SOFTMAX_LAST_AXIS_OPSET, Match, find_matches, softmax_name, untransposed
 from dync.exporter.passes.context import PassContext
 from dync.exporter.passes.sparse_attention.spec import TIMESTEP_NAMES, SparseAttentionSpec, parse_sparse_attention
+from dync.exporter.verification import run_decomposed
 from dync.graph import Builder, default_opset, export_graph, import_graph, shape_of
 from dync.plugins import registry
 from dync.plugins.block_sparse_attention import FP8_OPSET, tile_order, tile_window_lists
-from dync.plugins.splice import decompose_custom_nodes
 from dync.records import SparseAttentionRecord
 
 __all__ = ["SparseAttentionPass", "SparseAttentionSpec", "parse_sparse_attention", "sparsify_attention"]
@@ -102,8 +102,9 @@ def _rewrite(graph: gs.Graph, match: Match, spec: SparseAttentionSpec,
         count = b.const("all_listed", np.full((1, 1, -(-queries // block)), key_blocks))
         index = b.const("every_index", np.broadcast_to(np.arange(key_blocks), (1, 1, -(-queries // block), key_blocks)))
     elif spec.rule == "tile":
-        order = b.const("tile_order", tile_order(spec.grid, spec.tile))
-        q, k, v = (b.op("Gather", f"{role}_tiled", [x, order], axis=2)
+        order = tile_order(spec.grid, spec.tile)
+        tiled = b.const("tile_order", order)
+        q, k, v = (b.op("Gather", f"{role}_tiled", [x, tiled], axis=2)
                    for role, x in zip("qkv", (q, k, v), strict=True))
         count, index = _lists(b, "mask", "TileWindowMask", [], grid=list(spec.grid), tile=list(spec.tile),
                               window=list(spec.window))
@@ -118,8 +119,7 @@ def _rewrite(graph: gs.Graph, match: Match, spec: SparseAttentionSpec,
     registry().get("BlockSparseAttention").emit(b, [q, k, v, count, index], output, name="attention", block_q=block,
                                                 block_k=block, scale=float(match.scale), fp8=spec.fp8)
     if spec.rule == "tile":
-        inverse = np.argsort(tile_order(spec.grid, spec.tile))
-        b.op("Gather", "raster", [output, b.const("raster_order", inverse)], out=match.output, axis=2)
+        b.op("Gather", "raster", [output, b.const("raster_order", np.argsort(order))], out=match.output, axis=2)
     density = 1.0 if spec.rule == "dense" else None
     if spec.rule == "tile" and timestep is None:
         counts, _ = tile_window_lists(spec.grid, spec.tile, spec.window)
@@ -172,16 +172,12 @@ def _dense_while(b: Builder, count: gs.Tensor, index: gs.Tensor, timestep: gs.Te
 def _densities(model: onnx.ModelProto, counts: dict[str, tuple[gs.Tensor, int]],
                feeds: dict[str, np.ndarray]) -> dict[str, float]:
     """Per attention, the mean fraction of key blocks its lists hold on `feeds`."""
-    import onnxruntime as ort
-
     probed = onnx.ModelProto()
     probed.CopyFrom(model)
     names = {node: count.name for node, (count, _) in counts.items()}
     probed.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.INT64, None)
                                for n in names.values())
-    session = ort.InferenceSession(decompose_custom_nodes(probed).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    values = dict(zip(names.values(), session.run(list(names.values()), feeds), strict=True))
+    values = run_decomposed(probed, feeds)
     return {node: float(values[name].mean() / counts[node][1]) for node, name in names.items()}
 
 

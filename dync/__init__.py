@@ -22,11 +22,12 @@ def export(*args: Any, **kwargs: Any):
     return _export(*args, **kwargs)
 
 
-def load(package: str, backend: str = "ort", **backend_options: Any) -> Engine:
-    """Load a package for execution; see `dync.runtime.engine.Engine`."""
+def load(package: str, backend: str = "ort", precision: str | None = None, **backend_options: Any) -> Engine:
+    """Load a package for execution at `precision` (fp32, int8, fp8; None: what the package holds); see
+    `dync.runtime.engine.Engine`."""
     from dync.runtime.engine import Engine
 
-    return Engine.load(package, backend=backend, **backend_options)
+    return Engine.load(package, backend=backend, precision=precision, **backend_options)
 
 
 __all__ = ["__version__", "export", "load"]

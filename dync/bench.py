@@ -57,7 +57,7 @@ def predicted_seconds(engine: Engine, exits: np.ndarray) -> float | None:
     from dync.calib.profile import load_profile
 
     try:
-        profile = load_profile(engine.package_dir, engine.backend.name)
+        profile = load_profile(engine.package_dir, engine.profile_name)
     except PackageError:
         return None
     return profile.predict_batch_seconds(exits)

@@ -1,4 +1,4 @@
-"""The `dync` command line: export, inspect, run, verify, bench, demo.
+"""The `dync` command line: export, inspect, run, verify, bench, calibrate, quantize, profile, demo.
 
 Every user-facing failure is a `DyncError` and is printed as one line without a traceback.
 """
@@ -84,6 +84,13 @@ def _session_options(command: Callable[..., Any]) -> Callable[..., Any]:
                            help="Batch sizes per stage that get a fixed-shape onnxruntime session (0: none).")(command)
     return click.option("--threads", default=0, show_default=True, type=click.IntRange(0, _threads_bound()),
                         help="onnxruntime intra-op threads (0: one per core).")(command)
+
+
+def _precision_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--precision` for the commands that run a package: the stages `dync quantize` wrote, or float32."""
+    return click.option("--precision", type=click.Choice(["fp32", "int8", "fp8"]),
+                        help="Run the float32 stages or the quantized ones (default: what the package holds; "
+                             "see dync quantize).")(command)
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -191,7 +198,8 @@ def _print_summary(package: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--target", type=click.Choice(["trt"]),
               help="Also lint the stages for a deployment target (trt: TensorRT's ONNX parser); status 1 on errors.")
-def inspect(package: Path, as_json: bool, target: str | None) -> None:
+@_precision_option
+def inspect(package: Path, as_json: bool, target: str | None, precision: str | None) -> None:
     """Show a package's stages, exits, costs and thresholds (and, with --target, what the target cannot run)."""
     from dync.describe import describe, format_description
     from dync.package import load_manifest
@@ -201,7 +209,7 @@ def inspect(package: Path, as_json: bool, target: str | None) -> None:
     if target is not None:
         from dync.lint import format_lint, lint_package
 
-        report = lint_package(package, target=target)
+        report = lint_package(package, target=target, precision=precision)
     if as_json:
         description = describe(manifest)
         if report is not None:
@@ -222,15 +230,16 @@ def inspect(package: Path, as_json: bool, target: str | None) -> None:
 @click.option("--thresholds", callback=_parse_floats, help="Exit thresholds t0,t1,... (default: the package's).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help=".npz file for logits and exit.")
 @_session_options
+@_precision_option
 def run(package: Path, input_path: Path, thresholds: list[float] | None, output: Path, threads: int,
-        fixed_batches: int) -> None:
+        fixed_batches: int, precision: str | None) -> None:
     """Run PACKAGE on a batch with per-sample early exit; write `logits` and `exit` to OUTPUT (with exits of
     different per-sample shapes: `exit`, and `exitK` with its mask `exitK_taken` per exit K)."""
     import dync
 
     if not output.parent.is_dir():
         raise InputError(f"the directory of -o {output} does not exist; create it or choose another path.")
-    engine = dync.load(package, threads=threads, fixed_batches=fixed_batches)
+    engine = dync.load(package, precision=precision, threads=threads, fixed_batches=fixed_batches)
     result = engine.run(_load_inputs(input_path), thresholds=thresholds)
     with open(output, "wb") as file:  # a file object: numpy would add .npz to a name without it
         np.savez(file, **result.arrays())
@@ -245,20 +254,25 @@ def run(package: Path, input_path: Path, thresholds: list[float] | None, output:
               help="A .npy batch (or .npz by input name) to check with (default: random data).")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1),
               help="Batch size of the random check data.")
-@click.option("--rtol", default=1e-4, show_default=True, help="Allowed error relative to the largest output.")
+@click.option("--rtol", type=float, help="Allowed error relative to the largest output (default 1e-4; quantized: "
+              "0.1 for int8, 0.25 for fp8).")
 @click.option("--atol", default=1e-5, show_default=True, help="Allowed absolute error.")
 @click.option("--trust-pickle", is_flag=True,
               help="Load a pickled MODEL (torch.save): unpickling runs code from the file (also DYNC_TRUST_PICKLE=1).")
-def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol: float, atol: float,
-           trust_pickle: bool) -> None:
+@_precision_option
+def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol: float | None, atol: float,
+           trust_pickle: bool, precision: str | None) -> None:
     """Check every exit path of PACKAGE against eager PyTorch; exit status 1 on mismatch."""
     import dync
     from dync.verify import verify as run_verify
 
     x = _load_inputs(input_path) if input_path else None
-    record = run_verify(dync.load(package), model, x=x, batch=batch, rtol=rtol, atol=atol, progress=_progress,
+    engine = dync.load(package, precision=precision)
+    record = run_verify(engine, model, x=x, batch=batch, rtol=rtol, atol=atol, progress=_progress,
                         trust_pickle=trust_pickle)
-    click.echo(f"verified {package}: every exit path matches eager (worst abs error "
+    within = "matches eager" if engine.precision == "fp32" else \
+        f"is within {record.rtol:g} x the largest output of eager float32 ({engine.precision}, not recorded)"
+    click.echo(f"verified {package}: every exit path {within} (worst abs error "
                f"{max(*record.max_abs_error, record.mixed_max_abs_error):.3g})")
 
 
@@ -275,16 +289,17 @@ def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol
 @click.option("--profile", "with_profile", is_flag=True,
               help="Also print where dync's run spends its time: per stage and per op type (onnxruntime's profiler).")
 @_session_options
+@_precision_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[float] | None, repeats: int,
-          with_profile: bool, threads: int, fixed_batches: int, as_json: bool) -> None:
+          with_profile: bool, threads: int, fixed_batches: int, precision: str | None, as_json: bool) -> None:
     """Measure PACKAGE against its static full model, side by side under the same session options."""
     import dync
     from dync.bench import bench as run_bench
     from dync.bench import format_report, format_time_shares, time_shares
     from dync.inputs import batch_of
 
-    engine = dync.load(package, threads=threads, fixed_batches=fixed_batches)
+    engine = dync.load(package, precision=precision, threads=threads, fixed_batches=fixed_batches)
     x = _load_inputs(input_path) if input_path else engine.example_input(batch)
     _progress(f"timing {repeats} calls of each variant, in alternating blocks, at batch "
               f"{batch_of(engine.input_feeds(x))}")
@@ -292,7 +307,8 @@ def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[f
     shares = None
     if with_profile:
         _progress("profiling dync's run with onnxruntime's profiler")
-        shares = time_shares(package, x, report.thresholds, threads=threads, fixed_batches=fixed_batches)
+        shares = time_shares(package, x, report.thresholds, precision=engine.precision, threads=threads,
+                             fixed_batches=fixed_batches)
     if as_json:
         click.echo(json.dumps({**report.to_json(), **({"time_shares": asdict(shares)} if shares else {})}, indent=2))
     else:
@@ -312,8 +328,9 @@ def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[f
 @click.option("--batch-size", default=64, show_default=True, help="Deployment batch size for latency prediction.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the accuracy/cost curve and exit histogram to this image (e.g. calib.png).")
+@_precision_option
 def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: float | None, metric: str,
-              budget_ms: float | None, batch_size: int, plot_path: Path | None) -> None:
+              budget_ms: float | None, batch_size: int, plot_path: Path | None, precision: str | None) -> None:
     """Choose exit thresholds for a budget and store them in PACKAGE (used by run and bench)."""
     import dync
     from dync.calib.calibrate import BudgetRequest, calibrate_package, format_calibration
@@ -321,18 +338,47 @@ def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: 
 
     if plot_path is not None and not plot_path.parent.is_dir():
         raise InputError(f"the directory of --plot {plot_path} does not exist; create it or choose another path.")
-    engine = dync.load(package)
+    engine = dync.load(package, precision=precision)
     labels = _load_array(labels_path) if labels_path else None
     request = BudgetRequest(metric=metric, budget=budget, budget_ms=budget_ms, batch_size=batch_size)
     data = _load_inputs(data_path)
     _progress(f"searching thresholds over {batch_of(engine.input_feeds(data))} samples")
     result = calibrate_package(engine, data, request, labels=labels)
     click.echo(format_calibration(result, metric))
-    click.echo(f"stored thresholds in {package}")
+    click.echo(f"stored {engine.precision} thresholds in {package}")
     if plot_path:
         from dync.calib.plot import plot_calibration
 
         click.echo(f"wrote {plot_calibration(result, plot_path, metric)}")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Calibration inputs: a .npy shaped like the package input, or an .npz by input name.")
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Integer class per sample (.npy), for the accuracy of the thresholds chosen again.")
+@click.option("--format", "quant_format", type=click.Choice(["int8", "fp8"]), default="int8", show_default=True,
+              help="int8 (fast onnxruntime CPU kernels and TensorRT) or fp8 e4m3 (TensorRT; emulated on the CPU).")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True, help="onnxruntime's calibrator for the activation ranges.")
+@click.option("--min-samples", default=64, show_default=True, type=click.IntRange(1),
+              help="A stage fewer samples reach than this is calibrated on all of them.")
+@click.option("--quantize-heads", is_flag=True, help="Quantize the exit heads too (by default they stay float).")
+@click.option("--measure/--no-measure", default=True, show_default=True,
+              help="Time each stage's op types in int8 against float32 and keep the faster (int8 only).")
+def quantize(package: Path, data_path: Path, labels_path: Path | None, quant_format: str, method: str,
+             min_samples: int, quantize_heads: bool, measure: bool) -> None:
+    """Quantize PACKAGE stage by stage, each on the samples that reach it; store the CPU and TensorRT forms."""
+    from dync.calib.quantize import QuantizeRequest, format_quantization, quantize_package
+
+    labels = _load_array(labels_path) if labels_path else None
+    request = QuantizeRequest(format=quant_format, method=method, min_samples=min_samples, heads=quantize_heads,
+                              measure=measure)
+    record = quantize_package(package, _load_inputs(data_path), labels, request, progress=_progress)
+    click.echo(format_quantization(record))
+    click.echo(f"stored the {quant_format} stages in {package}; run, bench, verify and calibrate use them unless "
+               "given --precision fp32")
 
 
 @main.command()
@@ -343,13 +389,14 @@ def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: 
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(1),
               help="Timed rounds per batch size; medians are kept.")
 @_session_options
+@_precision_option
 def profile(package: Path, backend: str, batch_sizes: list[int], repeats: int, threads: int,
-            fixed_batches: int) -> None:
+            fixed_batches: int, precision: str | None) -> None:
     """Measure every stage's latency across batch sizes on this machine and store it in PACKAGE."""
     import dync
     from dync.calib.profile import profile_stages, save_profile
 
-    engine = dync.load(package, backend=backend, threads=threads, fixed_batches=fixed_batches)
+    engine = dync.load(package, backend=backend, precision=precision, threads=threads, fixed_batches=fixed_batches)
     path = save_profile(package, profile_stages(engine, batch_sizes, repeats=repeats, progress=_progress))
     click.echo(f"wrote {path}")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from dync.package import Manifest
-from dync.records import PASS_RECORDS, to_json
+from dync.records import PASS_RECORDS, QuantizationRecord, to_json
 
 
 def describe(manifest: Manifest) -> dict[str, Any]:
@@ -47,6 +47,7 @@ def describe(manifest: Manifest) -> dict[str, Any]:
         "output_selection": manifest.output_selection,
         "batch_fix": to_json(manifest.batch_fix),
         "verification": to_json(manifest.verification),
+        "quantization": to_json(manifest.quantization),
         "provenance": to_json(manifest.provenance),
     }
 
@@ -83,7 +84,8 @@ def format_description(manifest: Manifest) -> str:
     verification = manifest.verification
     if verification:
         status = "passed" if verification.passed else "FAILED"
-        if verification.files and verification.files != {path: f.sha256 for path, f in manifest.files.items()}:
+        if any(manifest.files.get(path) is None or manifest.files[path].sha256 != sha256
+               for path, sha256 in verification.files.items()):
             status += " on other files than the package holds now (run dync verify again)"
         dense = "; block-sparse attention checked with every block listed, in float" \
             if verification.dense_attention else ""
@@ -91,4 +93,16 @@ def format_description(manifest: Manifest) -> str:
                      f"(max abs error per exit {[f'{e:.2g}' for e in verification.max_abs_error]}){dense}")
     else:
         lines.append("verification: not run (dync verify PKG --model MODEL)")
+    if manifest.quantization is not None:
+        lines.append(_quantization_line(manifest.quantization))
     return "\n".join(lines)
+
+
+def _quantization_line(record: QuantizationRecord) -> str:
+    """One line on what `dync quantize` stored: the default precision from now on."""
+    in_float = [s.stage for s in record.stages if s.cpu is None]
+    cpu = f"; on the CPU {', '.join(in_float)} run float32 (int8 measured slower)" if in_float else ""
+    thresholds = "none" if record.thresholds is None else [round(t, 4) for t in record.thresholds]
+    return (f"quantization: {record.format} ({record.method} ranges, calibrated per stage on the samples that reach "
+            f"it), CPU and TensorRT forms, {record.format} thresholds {thresholds}; the default precision "
+            f"(--precision fp32 for float){cpu}")

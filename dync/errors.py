@@ -43,6 +43,10 @@ class InputError(DyncError):
     """Input data or run options do not match what the package expects."""
 
 
+class QuantizationError(DyncError):
+    """A package's stages cannot be quantized as asked; the message names the stage and op."""
+
+
 class VerificationError(DyncError):
     """The package's outputs disagree with the eager model."""
 

@@ -13,11 +13,11 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from dync.errors import PackageError
+from dync.errors import InputError, PackageError
 from dync.records import (
     PASS_RECORDS,
     BatchFixRecord,
@@ -25,6 +25,7 @@ from dync.records import (
     CustomOpRecord,
     PassRecord,
     Provenance,
+    QuantizationRecord,
     RecordError,
     VerificationRecord,
     from_json,
@@ -39,6 +40,10 @@ STAGES_DIR = "stages"
 BATCH_DIM = "batch"
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 """The dtypes a package's inputs and carried state may have."""
+PRECISIONS = ("fp32", "int8", "fp8")
+"""What a package's stages can run in: as exported, or as `dync quantize` wrote them."""
+FORMS = ("cpu", "trt")
+"""The two graphs of a quantized stage: onnxruntime CPU's fast kernels, and TensorRT's symmetric signed Q/DQ."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,8 @@ class Manifest:
 
     `output_selection` says where in the forward's returned structure each exit is (`dync.exporter.outputs`
     paths, e.g. "logits" or "0"); None in packages written before it, whose forward returned the exits.
-    `exit_selection` is the `--exits` choice (indices into those exits), None for all of them.
+    `quantization` says how `dync quantize` made the int8 or fp8 stages it holds beside the float32 ones
+    (see `at_precision`). `exit_selection` is the `--exits` choice (indices into those exits), None for all of them.
     `passes` holds, per exporter pass that found something (its name, e.g. "spatial"), one record per candidate
     (see `dync.records.PASS_RECORDS`); in the JSON each pass's records sit under its name. `custom_ops` lists
     the `dync::` ops the stages use and the fallback a backend without their plugin takes. `files` holds the
@@ -118,6 +124,7 @@ class Manifest:
     files: dict[str, FileRecord] = field(default_factory=dict)
     verification: VerificationRecord | None = None
     calibration: CalibrationRecord | None = None
+    quantization: QuantizationRecord | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -142,6 +149,36 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         raw = to_json({f.name: getattr(self, f.name) for f in fields(self) if f.name != "passes"})
         return {**raw, **{name: to_json(records) for name, records in self.passes.items()}}
+
+
+def default_precision(manifest: Manifest) -> str:
+    """What a package runs in unless told otherwise: what `dync quantize` made of it, else float32."""
+    return manifest.quantization.format if manifest.quantization is not None else "fp32"
+
+
+def at_precision(manifest: Manifest, precision: str | None = None, form: str = "cpu") -> Manifest:
+    """The manifest as a backend runs it at `precision` (None: the package's default): each stage's graph in
+    that precision's `form` and that precision's thresholds. A copy; never written back (calibration and
+    verification store into the manifest on disk)."""
+    precision = precision or default_precision(manifest)
+    if precision not in PRECISIONS:
+        raise InputError(f"precision '{precision}' is unknown; choose one of {', '.join(PRECISIONS)}.")
+    assert form in FORMS, form
+    if precision == "fp32":
+        return manifest
+    record = manifest.quantization
+    if record is None or record.format != precision:
+        held = "float32 only" if record is None else f"float32 and {record.format}"
+        raise InputError(f"package '{manifest.name}' holds {held} stages, not {precision}; make them with "
+                         f"`dync quantize PKG --data VAL.npy --format {precision}`.")
+    by_stage = {r.stage: r for r in record.stages}
+    thresholds = [*(record.thresholds or [None] * (len(manifest.stages) - 1)), None]
+    stages = []
+    for stage, threshold in zip(manifest.stages, thresholds, strict=True):
+        quantized = by_stage[stage.name]
+        graph = (quantized.cpu or stage.onnx) if form == "cpu" else quantized.trt
+        stages.append(replace(stage, onnx=graph, exit=replace(stage.exit, threshold=threshold)))
+    return replace(manifest, stages=stages)
 
 
 def write_manifest(package_dir: Path, manifest: Manifest) -> None:
@@ -287,7 +324,29 @@ def _check_program(manifest: Manifest, package_dir: Path) -> None:
         available.update(stage.writes)
         if not 0 <= stage.exit.macs <= stage.exit.cumulative_macs:
             raise PackageError(f"{where}: stage '{stage.name}' has inconsistent MAC counts; re-export the package.")
+    _check_quantization(manifest, where)
     _check_files(manifest, package_dir)
+
+
+def _check_quantization(manifest: Manifest, where: Path) -> None:
+    """A quantization record covers every stage once, its graphs are files the manifest records, and it has
+    a threshold per exit but the last."""
+    record = manifest.quantization
+    if record is None:
+        return
+    fix = "run `dync quantize` again"
+    names = [s.name for s in manifest.stages]
+    if record.format not in PRECISIONS[1:] or sorted(r.stage for r in record.stages) != sorted(names):
+        raise PackageError(f"{where}: the quantization record does not cover the stages {names} in int8 or fp8; "
+                           f"{fix}.")
+    for stage in record.stages:
+        for path in filter(None, (stage.cpu, stage.trt, stage.ranges)):
+            if path not in manifest.files:
+                raise PackageError(f"{where}: the quantized stage '{stage.stage}' names {path!r}, which the manifest's "
+                                   f"file list does not hold; {fix}.")
+    if record.thresholds is not None and len(record.thresholds) != len(manifest.stages) - 1:
+        raise PackageError(f"{where}: the quantization record has {len(record.thresholds)} thresholds for "
+                           f"{len(manifest.stages)} exits; {fix}.")
 
 
 def _check_shape(shape: list[int | str], what: str, where: Path) -> None:

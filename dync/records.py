@@ -208,6 +208,71 @@ class CalibrationRecord:
     """Which search found the setting: geometric (with its q), uniform or direct (dync.calib.search)."""
 
 
+@dataclass(frozen=True)
+class QuantizedStageRecord:
+    """One stage of a quantized package: its graph in each form, the ranges both came from, what calibrated
+    them, and what was kept in float.
+
+    `cpu` is None where the measured int8 stage was no faster than float32 (the float32 stage runs). The
+    ranges were calibrated on `calibration_samples` samples: those that reach the stage (`reaching_samples`
+    under the package's thresholds, through the quantized stages before it), or all of them where fewer than
+    the minimum reach it (`all_samples`). `quantized_nodes` counts the stage's nodes that read a dequantized
+    tensor in the CPU int8 form (in the Q/DQ form for fp8, which the CPU emulates). `float_heads` are the exit
+    head's nodes, kept in float. `reverted_ops` are the op types left in float because their int8 form
+    measured slower here; `speedup` is the float32 stage's time over the CPU form's at batch `measured_batch`
+    (None where not measured)."""
+
+    stage: str
+    cpu: str | None
+    trt: str
+    ranges: str
+    calibration_samples: int
+    reaching_samples: int
+    all_samples: bool
+    quantized_nodes: int
+    float_heads: list[str]
+    reverted_ops: list[str]
+    speedup: float | None = None
+    measured_batch: int | None = None
+
+
+@dataclass(frozen=True)
+class RecalibrationRecord:
+    """What quantizing did to the exits on the validation data: the float32 package with its thresholds, the
+    quantized one with those thresholds, and with the thresholds chosen again for the same budget.
+    `changed_*` count samples whose exit differs from float32's; accuracies are agreement with the labels, or
+    without labels with the float32 package's last exit."""
+
+    samples: int
+    labels: bool
+    cost_fp32: float
+    accuracy_fp32: float
+    cost_same_thresholds: float
+    accuracy_same_thresholds: float
+    changed_same_thresholds: int
+    cost_recalibrated: float | None = None
+    accuracy_recalibrated: float | None = None
+    changed_recalibrated: int | None = None
+
+
+@dataclass(frozen=True)
+class QuantizationRecord:
+    """How `dync quantize` made the package's int8 or fp8 stages (`format`): the onnxruntime calibration
+    `method`, the minimum reaching samples per stage, whether exit heads were quantized, one record per stage,
+    and the thresholds for this precision (None when the package has none), chosen for the package's
+    calibration budget (`calibration`), with what that changed (`recalibration`)."""
+
+    format: str
+    method: str
+    min_samples: int
+    heads: bool
+    stages: list[QuantizedStageRecord]
+    created: str
+    thresholds: list[float] | None = None
+    calibration: CalibrationRecord | None = None
+    recalibration: RecalibrationRecord | None = None
+
+
 # --------------------------------------------------------------------------------------------- pass records
 
 

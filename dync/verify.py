@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dync.errors import InputError
 from dync.exporter.loading import eval_mode, load_model
 from dync.exporter.verification import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
     bound_to_files,
     check_package,
+    default_rtol,
     dense_attention_copy,
     disagreement,
 )
@@ -38,24 +40,33 @@ def verify(
     model: torch.nn.Module | str | Path,
     x: np.ndarray | None = None,
     batch: int = 8,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float | None = None,
     atol: float = DEFAULT_ATOL,
     progress: Callable[[str], None] | None = None,
     record: bool = True,
     trust_pickle: bool = False,
 ) -> VerificationRecord:
-    """Compare every exit path with eager; raise VerificationError on mismatch after recording the result."""
+    """Compare every exit path with eager; raise VerificationError on mismatch after recording the result (for
+    float32; a quantized engine is checked, not recorded). `rtol` None: 1e-4 for float32, `QUANTIZED_RTOL` for
+    int8 and fp8."""
+    rtol = default_rtol(engine.precision) if rtol is None else rtol
+    if x is None and engine.precision != "fp32":
+        raise InputError(f"a {engine.precision} package is checked on data like what calibrated it (random data "
+                         "falls outside its ranges and clips): pass --input with validation samples.")
     x = engine.example_input(batch) if x is None else x
     engine.check_input(x)
     if isinstance(model, (str, Path)):
         model = load_model(model, tuple(torch.from_numpy(a) for a in engine.input_feeds(x).values()), trust_pickle)
-    with dense_attention_copy(engine.package_dir) as checked:
-        checking = engine if checked == engine.package_dir else Engine.load(checked)
+    with dense_attention_copy(engine.package_dir, engine.precision) as checked:
+        checking = engine if checked == engine.package_dir else Engine.load(checked, precision=engine.precision)
         result = check_package(checking, eval_mode(model), [x], rtol=rtol, atol=atol, progress=progress)
     result = dataclasses.replace(result, dense_attention=checked != engine.package_dir)
-    if record:
+    if record and engine.precision == "fp32":  # the record is of the float32 program; quantized is checked only
         engine.manifest.verification = bound_to_files(result, engine.manifest)
         write_manifest(engine.package_dir, engine.manifest)
     if not result.passed:
-        raise disagreement(engine.manifest.name, result)
+        if engine.precision == "fp32":
+            raise disagreement(engine.manifest.name, result)
+        raise disagreement(engine.manifest.name, result, f"at {engine.precision}: quantize it again with more "
+                           "representative data or another --method, or run it with --precision fp32")
     return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from dync.calib.budget import Calibration, CostOfExits, flops_cost
 from dync.calib.search import calibrate
 from dync.errors import InputError
 from dync.inputs import Inputs, batch_of
-from dync.package import write_manifest
+from dync.package import load_manifest, write_manifest
 from dync.records import CalibrationRecord
 from dync.runtime.engine import Engine
 
@@ -75,7 +75,7 @@ def latency_cost(engine: Engine, batch_size: int) -> CostOfExits:
     """Predicted time of running the data in batches of `batch_size`, as a fraction of the full model's."""
     from dync.calib.profile import load_profile
 
-    profile = load_profile(engine.package_dir, engine.backend.name)
+    profile = load_profile(engine.package_dir, engine.profile_name)
     full: dict[int, float] = {}  # the denominator depends on the sample count only; searches ask thousands of times
 
     def cost(exits: np.ndarray) -> float:
@@ -91,7 +91,7 @@ def latency_cost(engine: Engine, batch_size: int) -> CostOfExits:
 def full_model_ms_per_sample(engine: Engine, batch_size: int) -> float:
     from dync.calib.profile import load_profile
 
-    profile = load_profile(engine.package_dir, engine.backend.name)
+    profile = load_profile(engine.package_dir, engine.profile_name)
     return profile.predict_full_seconds(batch_size) / batch_size * 1e3
 
 
@@ -127,10 +127,13 @@ def calibrate_package(
 
 
 def _store(engine: Engine, result: Calibration, request: BudgetRequest, samples: int) -> None:
+    """The thresholds go to the engine (its runs use them) and to the manifest on disk, for the engine's
+    precision: the exits' for float32, the quantization record's for int8 and fp8."""
     chosen = result.chosen
-    for exit_spec, threshold in zip(engine.manifest.exits[:-1], chosen.thresholds, strict=True):
-        exit_spec.threshold = float(threshold) if np.isfinite(threshold) else 2.0  # above 1: never fires
-    engine.manifest.calibration = CalibrationRecord(
+    thresholds = [float(t) if np.isfinite(t) else 2.0 for t in chosen.thresholds]  # above 1: never fires
+    for exit_spec, threshold in zip(engine.manifest.exits[:-1], thresholds, strict=True):
+        exit_spec.threshold = threshold
+    record = CalibrationRecord(
         metric=request.metric,
         budget=result.budget,
         budget_ms=request.budget_ms,
@@ -144,7 +147,15 @@ def _store(engine: Engine, result: Calibration, request: BudgetRequest, samples:
         min_cost=result.min_cost,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    write_manifest(Path(engine.package_dir), engine.manifest)
+    manifest = load_manifest(engine.package_dir)
+    if engine.precision == "fp32":
+        for exit_spec, threshold in zip(manifest.exits[:-1], thresholds, strict=True):
+            exit_spec.threshold = threshold
+        manifest.calibration = record
+    else:
+        assert manifest.quantization is not None and manifest.quantization.format == engine.precision
+        manifest.quantization = replace(manifest.quantization, thresholds=thresholds, calibration=record)
+    write_manifest(Path(engine.package_dir), manifest)
 
 
 def format_calibration(result: Calibration, metric: str) -> str:

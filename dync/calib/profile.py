@@ -308,7 +308,7 @@ def profile_stages(
     )
     settings = engine.backend.describe()
     return LatencyProfile(
-        backend=engine.backend.name,
+        backend=engine.profile_name,
         settings=settings,
         machine=machine_info(),
         batch_sizes=sizes,

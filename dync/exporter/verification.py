@@ -37,7 +37,7 @@ from dync.exporter.capture import eager_exits
 from dync.exporter.probe import ORT_ERRORS, every_tensor_session
 from dync.graph import innermost_frame, source_line
 from dync.inputs import Inputs, batch_of
-from dync.package import Manifest, load_manifest, program_files, write_manifest
+from dync.package import Manifest, at_precision, file_record, load_manifest, write_manifest
 from dync.plugins.block_sparse_attention import dense_equivalent
 from dync.plugins.splice import decompose_custom_nodes
 from dync.records import VerificationRecord, approximated_nodes
@@ -46,6 +46,14 @@ from dync.runtime.exit_rule import forcing_thresholds
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
+QUANTIZED_RTOL = {"int8": 0.1, "fp8": 0.25}
+"""What a quantized package's exit paths may differ from eager float32, relative to the largest output: int8
+and fp8 (3 mantissa bits) round every activation, and the errors of the stages before an exit add up."""
+
+
+def default_rtol(precision: str) -> float:
+    return DEFAULT_RTOL if precision == "fp32" else QUANTIZED_RTOL[precision]
+
 
 Progress = Callable[[str], None]
 
@@ -138,12 +146,14 @@ def bound_to_files(record: VerificationRecord, manifest: Manifest) -> Verificati
 
 
 @contextlib.contextmanager
-def dense_attention_copy(package: Path) -> Iterator[Path]:
+def dense_attention_copy(package: Path, precision: str = "fp32") -> Iterator[Path]:
     """`package` itself, or, when a stage holds BlockSparseAttention, a temporary copy whose masks list every
-    block in float (`dense_equivalent`): what is checked against eager, since the masks approximate it."""
+    block in float (`dense_equivalent`) in the stage graphs `precision` runs: what is checked against eager,
+    since the masks approximate it."""
     manifest = load_manifest(package)
     approximated = approximated_nodes((manifest.passes or {}).get("sparse_attention", []))
-    models = {spec.onnx: onnx.load(package / spec.onnx) for spec in manifest.stages} if approximated else {}
+    stages = at_precision(manifest, precision).stages
+    models = {spec.onnx: onnx.load(package / spec.onnx) for spec in stages} if approximated else {}
     dense = {path: dense_equivalent(model, approximated) for path, model in models.items()}
     if all(dense[path] is models[path] for path in models):
         yield package
@@ -153,14 +163,17 @@ def dense_attention_copy(package: Path) -> Iterator[Path]:
         shutil.copytree(package, copy, dirs_exist_ok=True)
         for path, model in dense.items():
             onnx.save_model(model, copy / path)
-        manifest.files = program_files(copy, manifest)
+        manifest.files = {**manifest.files, **{path: file_record(copy / path) for path in dense}}
         write_manifest(copy, manifest)
         yield copy
     finally:
         shutil.rmtree(copy, ignore_errors=True)
 
 
-def disagreement(name: str, record: VerificationRecord) -> VerificationError:
+REEXPORT = "re-export it with this dync and torch, and report the model if it persists"
+
+
+def disagreement(name: str, record: VerificationRecord, fix: str = REEXPORT) -> VerificationError:
     """The error for a failed record: the worst exit path, or the mixed run when that is where it fails."""
     worst = int(np.argmax(record.max_rel_error))
     if record.mixed_max_abs_error > max(record.max_abs_error):
@@ -170,8 +183,7 @@ def disagreement(name: str, record: VerificationRecord) -> VerificationError:
         where = f"exit {worst}, max abs error {record.max_abs_error[worst]:.3g}"
     return VerificationError(
         f"package '{name}' disagrees with eager PyTorch (worst: {where}, allowed {record.atol:g} + {record.rtol:g} x "
-        f"|reference|, batches {record.batches}); re-export it with this dync and torch, and report the model if "
-        "it persists."
+        f"|reference|, batches {record.batches}); {fix}."
     )
 
 

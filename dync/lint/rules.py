@@ -184,6 +184,34 @@ _RESIZE_ALLOWED = {
 }
 
 
+_QDQ_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.FLOAT8E4M3FN: "fp8 e4m3"}
+
+
+@_rule("QuantizeLinear", "DequantizeLinear")
+def symmetric_signed_qdq(ctx: NodeContext) -> list[Finding]:
+    """QuantizeLinear: "`y_zero_point` must be 0"; DequantizeLinear: "`x_zero_point` must be zero", types
+    INT8, FP8, INT4. The zero-point is a constant of a signed type TensorRT quantizes to, and activations
+    (a Q/DQ whose input is not a constant) have one scale: TensorRT quantizes them per tensor."""
+    zero_name = ctx.input(2)
+    zero = ctx.constant(zero_name) if zero_name else None
+    found = _needs_constant(ctx, 2, "zero_point") if zero_name else [
+        ctx.error("has no zero-point, so it quantizes to uint8, which TensorRT does not take",
+                  "quantize with signed int8 (dync quantize writes that form for TensorRT)")]
+    if zero is not None:
+        kind = ctx.scope.types.get(zero_name)
+        if kind not in _QDQ_TYPES:
+            found.append(ctx.error(f"quantizes to {helper.tensor_dtype_to_np_dtype(kind)}, which TensorRT does "
+                                   "not take", "quantize to signed int8 or fp8 e4m3"))
+        elif np.asarray(zero, dtype=np.float32).any():
+            found.append(ctx.error("has a non-zero zero-point", "quantize symmetrically (zero-point 0)"))
+    scale = ctx.constant(ctx.input(1))
+    activation = ctx.op == "QuantizeLinear" and ctx.constant(ctx.input(0)) is None  # a DQ's Q is checked itself
+    if activation and scale is not None and np.asarray(scale).size > 1:
+        found.append(ctx.error("quantizes an activation per channel, which TensorRT does not",
+                               "quantize activations per tensor"))
+    return found
+
+
 @_rule("Resize")
 def resize_modes(ctx: NodeContext) -> list[Finding]:
     """"Supported resize transformation modes: `half_pixel`, `pytorch_half_pixel`, `tf_half_pixel_for_nn`,

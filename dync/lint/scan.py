@@ -21,7 +21,7 @@ from dync.lint.custom_ops import decompose_portable_ops
 from dync.lint.facts import OperatorFacts, load_operator_facts
 from dync.lint.report import CHECK_BY_HAND, ERROR, NOTE, OPSET, Finding, LintReport, subject
 from dync.lint.rules import RULES, NodeContext, _Scope
-from dync.package import StageSpec, load_manifest
+from dync.package import StageSpec, at_precision, load_manifest
 
 TARGETS = ("trt",)
 
@@ -96,12 +96,15 @@ def lint_model(model: onnx.ModelProto, facts: OperatorFacts | None = None, stage
     return findings + _restriction_notes(nodes, facts)
 
 
-def lint_package(package_dir: str | Path, target: str = "trt", facts: OperatorFacts | None = None) -> LintReport:
-    """Lint every stage of a package for `target` (only "trt", TensorRT's ONNX parser, for now)."""
+def lint_package(package_dir: str | Path, target: str = "trt", facts: OperatorFacts | None = None,
+                 precision: str | None = None) -> LintReport:
+    """Lint every stage of a package for `target` (only "trt", TensorRT's ONNX parser, for now), in the
+    graphs TensorRT would build at `precision` (None: what the package holds; int8 and fp8 are the TensorRT
+    form `dync quantize` writes)."""
     if target not in TARGETS:
         raise LintError(f"unknown lint target '{target}'; use one of: {', '.join(TARGETS)}.")
     package_dir = Path(package_dir)
-    manifest = load_manifest(package_dir)
+    manifest = at_precision(load_manifest(package_dir), precision, form="trt")
     facts = facts or load_operator_facts()
     findings: list[Finding] = []
     nodes: list[NodeContext] = []

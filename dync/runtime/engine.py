@@ -11,7 +11,7 @@ import numpy as np
 
 from dync.errors import InputError
 from dync.inputs import Inputs, batch_of, random_inputs
-from dync.package import Manifest, TensorSpec, live_state, load_manifest
+from dync.package import Manifest, TensorSpec, at_precision, default_precision, live_state, load_manifest
 from dync.runtime.backends import Backend, make_backend
 from dync.runtime.exit_rule import ExitCriteria, resolve_thresholds
 
@@ -49,20 +49,33 @@ class RunResult:
 
 
 class Engine:
-    def __init__(self, package_dir: Path, manifest: Manifest, backend: Backend) -> None:
+    """A package loaded to run at one precision: `manifest` is the package's as that precision runs it
+    (`dync.package.at_precision`), so its stage graphs and thresholds are that precision's."""
+
+    def __init__(self, package_dir: Path, manifest: Manifest, backend: Backend, precision: str = "fp32") -> None:
         self.package_dir = package_dir
         self.manifest = manifest
         self.backend = backend
+        self.precision = precision
         self.criteria = ExitCriteria(package_dir, manifest.exits)
         self._live_after = live_state(manifest)
         shapes = {tuple(e.shape[1:]) for e in manifest.exits if e.shape is not None}
         self._one_exit_shape = len(shapes) <= 1
 
     @classmethod
-    def load(cls, package: str | Path, backend: str = "ort", **backend_options: Any) -> Engine:
+    def load(cls, package: str | Path, backend: str = "ort", precision: str | None = None,
+             **backend_options: Any) -> Engine:
+        """`precision` fp32, int8 or fp8; None runs what the package holds (`dync.package.default_precision`)."""
         package_dir = Path(package)
-        manifest = load_manifest(package_dir)
-        return cls(package_dir, manifest, make_backend(backend, package_dir, manifest, **backend_options))
+        stored = load_manifest(package_dir)
+        precision = precision or default_precision(stored)
+        manifest = at_precision(stored, precision)
+        return cls(package_dir, manifest, make_backend(backend, package_dir, manifest, **backend_options), precision)
+
+    @property
+    def profile_name(self) -> str:
+        """The name latency profiles of this backend at this precision are stored under."""
+        return self.backend.name if self.precision == "fp32" else f"{self.backend.name}-{self.precision}"
 
     @property
     def num_exits(self) -> int:

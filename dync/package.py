@@ -340,7 +340,7 @@ def _check_quantization(manifest: Manifest, where: Path) -> None:
         raise PackageError(f"{where}: the quantization record does not cover the stages {names} in int8 or fp8; "
                            f"{fix}.")
     for stage in record.stages:
-        for path in filter(None, (stage.cpu, stage.trt, stage.ranges)):
+        for path in filter(None, (stage.cpu, stage.trt, stage.ranges, *stage.branch_ranges.values())):
             if path not in manifest.files:
                 raise PackageError(f"{where}: the quantized stage '{stage.stage}' names {path!r}, which the manifest's "
                                    f"file list does not hold; {fix}.")

@@ -234,6 +234,12 @@ class QuantizedStageRecord:
     reverted_ops: list[str]
     speedup: float | None = None
     measured_batch: int | None = None
+    float_decisions: list[str] = field(default_factory=list)
+    """The layers a decision is made on (a spatial masker, a token scorer: `dync.calib.quantize.DECISION_OPS`),
+    kept in float: rounding them flips discrete decisions."""
+    branch_ranges: dict[str, str] = field(default_factory=dict)
+    """The ranges of each `If` branch (a spatial block's dense and gather-scatter forms), calibrated and
+    quantized as models of their own, by `node/attribute`."""
 
 
 @dataclass(frozen=True)

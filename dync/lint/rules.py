@@ -350,21 +350,6 @@ def dropout(ctx: NodeContext) -> list[Finding]:
     return []
 
 
-@_rule("QuantizeLinear", "DequantizeLinear")
-def zero_point(ctx: NodeContext) -> list[Finding]:
-    """QuantizeLinear: "`y_zero_point` must be 0"; DequantizeLinear: "`x_zero_point` must be zero"."""
-    name = ctx.input(2)
-    if not name:
-        return []
-    value = ctx.constant(name)
-    if value is None:
-        return [ctx.note(f"takes its zero point '{name}' at run time", "make sure it is zero, as TensorRT requires")]
-    if bool(np.any(value != 0)):
-        return [ctx.error("has a non-zero zero point, but TensorRT quantizes symmetrically only",
-                          "re-quantize with zero points of 0")]
-    return []
-
-
 @_rule("LayerNormalization")
 def layernorm_outputs(ctx: NodeContext) -> list[Finding]:
     """"Only the first output `Y` is supported"."""

@@ -9,19 +9,22 @@ k). Where fewer than `min_samples` reach a stage, all samples calibrate it, and 
 The ranges (onnxruntime's calibrators, `ranges.py`) are stored in the package, and every form of the stage
 is written from them by onnxruntime's quantizer (`forms.py`): the CPU form for onnxruntime's fast kernels,
 with op types whose int8 form measured slower left in float (`speed.py`), and the TensorRT form. Plugin
-nodes and the exit heads (each exit's classifier layer) stay in float. Quantizing moves confidences, so the
-thresholds are then chosen again for the package's budget (`dync.calib.calibrate`) and stored for this
-precision, and what that changed is recorded (`RecalibrationRecord`).
+nodes, the exit heads (each exit's classifier layer) and the layers whose outputs are decided on (a spatial
+masker, a token scorer) stay in float. Quantizing moves confidences, so the thresholds are then chosen
+again for the package's budget (`dync.calib.calibrate`) and stored for this precision, and what that changed
+is recorded (`RecalibrationRecord`).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import secrets
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -37,13 +40,14 @@ from dync.calib.quantize.forms import (
     quantized_node_count,
     trt_int8,
 )
-from dync.calib.quantize.ranges import METHODS, calibrate_ranges
+from dync.calib.quantize.ranges import METHODS, StageRanges, calibrate_ranges
 from dync.calib.quantize.speed import MEASURE_BATCH, CpuChoice, fastest_cpu_form, onnxruntime_timer
 from dync.errors import InputError, ProfileError, QuantizationError
 from dync.inputs import Inputs, batch_of
 from dync.package import Manifest, StageSpec, file_record, load_manifest, write_manifest
 from dync.records import QuantizationRecord, QuantizedStageRecord, RecalibrationRecord
 from dync.runtime.backends.ort import OrtSettings, StageSession
+from dync.runtime.branches import all_graphs, all_nodes
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import resolve_thresholds
 
@@ -56,6 +60,7 @@ TRT_MIN_OPSET = 19
 FP8_DTYPE = "float8_e4m3fn"
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -152,20 +157,23 @@ def _quantize_stages(engine: Engine, feeds: dict[str, np.ndarray], request: Quan
         who = (f"all {len(reach)} samples (only {reaching} reach it, fewer than {request.min_samples})" if everyone
                else f"the {reaching} samples that reach it")
         report(f"stage {stage.name}: calibrating {request.method} ranges on {who}")
-        ranges = f"{directory}/{stage.name}.ranges.json"
-        calibrate_ranges(model, stage_feeds, request.method, CPU_OP_TYPES, engine.package_dir / ranges)
+        ranges = _quantizing(stage, functools.partial(calibrate_ranges, model, stage_feeds, request.method,
+                                                      CPU_OP_TYPES, engine.package_dir / directory, stage.name))
         heads = [] if request.heads else exit_head(model, stage.exit.output)
-        choice, trt = _forms(model, stage, engine.package_dir / ranges, request, heads, stage_feeds, report)
+        decisions = [name for name in decision_layers(model) if name not in heads]
+        choice, trt = _forms(model, stage, ranges, request, [*heads, *decisions], stage_feeds, report)
         cpu_path = None if choice.model is None else f"{directory}/{stage.name}.cpu.onnx"
         trt_path = f"{directory}/{stage.name}.trt.onnx"
         if choice.model is not None:
             onnx.save(choice.model, engine.package_dir / cpu_path)
         onnx.save(trt, engine.package_dir / trt_path)
         records.append(QuantizedStageRecord(
-            stage=stage.name, cpu=cpu_path, trt=trt_path, ranges=ranges, calibration_samples=batch_of(stage_feeds),
+            stage=stage.name, cpu=cpu_path, trt=trt_path, ranges=_relative(ranges.graph, engine.package_dir),
+            branch_ranges={key: _relative(path, engine.package_dir) for key, path in ranges.branches.items()},
+            calibration_samples=batch_of(stage_feeds),
             reaching_samples=reaching, all_samples=everyone,
             quantized_nodes=quantized_node_count(trt if request.format == "fp8" else choice.model or trt, model),
-            float_heads=heads,
+            float_heads=heads, float_decisions=decisions,
             reverted_ops=choice.reverted, speedup=choice.speedup,
             measured_batch=MEASURE_BATCH if choice.speedup is not None else None))
         outputs = _run_everyone(choice.model or model, stage, state)
@@ -175,7 +183,7 @@ def _quantize_stages(engine: Engine, feeds: dict[str, np.ndarray], request: Quan
     return records
 
 
-def _forms(model: onnx.ModelProto, stage: StageSpec, ranges: Path, request: QuantizeRequest, heads: list[str],
+def _forms(model: onnx.ModelProto, stage: StageSpec, ranges: StageRanges, request: QuantizeRequest, heads: list[str],
            feeds: dict[str, np.ndarray], report: Progress) -> tuple[CpuChoice, onnx.ModelProto]:
     """The CPU form (measured per op type for int8; the exact fp8 emulation for fp8) and the TensorRT form."""
     prefix = f"{stage.name}/"
@@ -194,15 +202,19 @@ def _forms(model: onnx.ModelProto, stage: StageSpec, ranges: Path, request: Quan
     return fastest_cpu_form(model, quantize, CPU_OP_TYPES, onnxruntime_timer(feeds), heads), trt
 
 
-def _quantizing(stage: StageSpec, quantize: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:
-    """onnxruntime's quantizer, its failures one QuantizationError naming the stage."""
+def _relative(path: Path, package_dir: Path) -> str:
+    return path.relative_to(package_dir).as_posix()
+
+
+def _quantizing(stage: StageSpec, quantize: Callable[[], T]) -> T:
+    """onnxruntime's calibrators and quantizer, their failures one QuantizationError naming the stage."""
     try:
         return quantize()
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QuantizationError(
-            f"onnxruntime's quantizer cannot quantize stage '{stage.name}' ({stage.onnx}): {first}; leave that "
-            "stage's op in float by exporting without the pass that made it, or report the op.") from exc
+            f"onnxruntime's quantization tools cannot quantize stage '{stage.name}' ({stage.onnx}): {first}; "
+            "leave that stage's op in float by exporting without the pass that made it, or report the op.") from exc
 
 
 def _own_names(quantized: onnx.ModelProto, original: onnx.ModelProto, prefix: str) -> onnx.ModelProto:
@@ -211,35 +223,55 @@ def _own_names(quantized: onnx.ModelProto, original: onnx.ModelProto, prefix: st
     full model merges stages by name."""
     from dync.runtime.one_graph import rename_graph
 
-    graph = original.graph
-    names = {v.name for v in [*graph.input, *graph.output]} | {t.name for t in graph.initializer}
-    names |= {name for node in graph.node for name in [*node.input, *node.output]}
-    node_names = {node.name for node in graph.node}
+    graphs = all_graphs(original.graph)
+    names = {v.name for g in graphs for v in [*g.input, *g.output]} | {t.name for g in graphs for t in g.initializer}
+    names |= {name for node in all_nodes(original.graph) for name in [*node.input, *node.output]}
+    node_names = {node.name for node in all_nodes(original.graph)}
     rename_graph(quantized.graph, lambda name: name if not name or name in names else prefix + name)
-    for node in quantized.graph.node:
+    for node in all_nodes(quantized.graph):
         if node.name not in node_names:
             node.name = prefix + node.name
     return quantized
 
 
+DECISION_OPS = frozenset({"Greater", "GreaterOrEqual", "Less", "LessOrEqual", "TopK", "ArgMax", "ArgMin"})
+"""Ops whose output is a discrete decision (a spatial mask, the tokens kept, a dispatch): the layer computing
+their input stays float, since rounding it flips decisions, which changes what is computed, not by how much."""
+
+
 def exit_head(model: onnx.ModelProto, output: str) -> list[str]:
     """The exit's classifier: the nodes from the last weighted op (Conv, Gemm, MatMul with a weight) on the
     way back from the exit output up to it, that op included. Empty when the exit has no such layer."""
+    return _back_to_weighted(model, [output])
+
+
+def decision_layers(model: onnx.ModelProto) -> list[str]:
+    """The nodes from each decision op (`DECISION_OPS`) back to the weighted layers that compute its inputs."""
+    found: list[str] = []
+    for node in model.graph.node:
+        if node.op_type in DECISION_OPS:
+            found += [name for name in _back_to_weighted(model, list(node.input)) if name not in found]
+    return found
+
+
+def _back_to_weighted(model: onnx.ModelProto, tensors: list[str]) -> list[str]:
+    """The nodes on the way back from `tensors` to the first weighted op on each path, those ops included;
+    empty when no path meets one."""
     producers = {out: node for node in model.graph.node for out in node.output}
     weights = {t.name for t in model.graph.initializer}
-    head: list[str] = []
+    visited: list[str] = []
     found = False
-    frontier = [output]
+    frontier = list(tensors)
     while frontier:
         node = producers.get(frontier.pop())
-        if node is None or node.name in head:
+        if node is None or node.name in visited:
             continue
-        head.append(node.name)
+        visited.append(node.name)
         if node.op_type in WEIGHTED_OPS and any(name in weights for name in node.input[1:]):
             found = True
             continue
         frontier += list(node.input)
-    return head if found else []
+    return visited if found else []
 
 
 def _run_everyone(model: onnx.ModelProto, stage: StageSpec, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -258,7 +290,7 @@ def _commit(package_dir: Path, record: QuantizationRecord, directory: str) -> No
     manifest = load_manifest(package_dir)
     files = {path: f for path, f in manifest.files.items() if not path.startswith(f"{QUANT_DIR}/")}
     for stage in record.stages:
-        for path in filter(None, (stage.cpu, stage.trt, stage.ranges)):
+        for path in filter(None, (stage.cpu, stage.trt, stage.ranges, *stage.branch_ranges.values())):
             files[path] = file_record(package_dir / path)
     manifest.files = files
     manifest.quantization = record
@@ -324,7 +356,8 @@ def format_quantization(record: QuantizationRecord) -> str:
     for stage in record.stages:
         who = f"{stage.calibration_samples} (all: {stage.reaching_samples} reach it)" if stage.all_samples \
             else f"{stage.calibration_samples} reaching"
-        kept = ", ".join([*(["head"] if stage.float_heads else []), *stage.reverted_ops]) or "-"
+        decisions = [f"{len(stage.float_decisions)} decision nodes"] if stage.float_decisions else []
+        kept = ", ".join([*(["head"] if stage.float_heads else []), *decisions, *stage.reverted_ops]) or "-"
         form = "float32 (int8 measured slower)" if stage.cpu is None else \
             ("fp8 emulated" if record.format == "fp8" else "int8")
         speed = "-" if stage.speedup is None else f"{stage.speedup:.2f}x at batch {stage.measured_batch}"

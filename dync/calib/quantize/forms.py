@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dync.calib.quantize.ranges import METHODS
+from dync.calib.quantize.ranges import METHODS, StageRanges
+from dync.runtime.branches import all_graphs, all_nodes, transform_branches
 
 CPU_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "MaxPool", "AveragePool",
                 "GlobalAveragePool", "Relu", "Clip", "Sigmoid", "Resize", "Reshape", "Transpose", "Flatten",
@@ -53,28 +54,56 @@ def _quiet() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
-def _quantized(model: onnx.ModelProto, ranges: Path, method: str, activations: object, exclude: Collection[str],
-               op_types: Collection[str], extra: dict) -> onnx.ModelProto:
-    """onnxruntime's `quantize_static` in QDQ format from the stored ranges (its calibration cache)."""
+def _quantized(model: onnx.ModelProto, ranges: StageRanges, method: str, activations: object,
+               exclude: Collection[str], op_types: Collection[str], extra: dict) -> onnx.ModelProto:
+    """onnxruntime's `quantize_static` in QDQ format from the stored ranges (its calibration caches), on the
+    top-level graph and on each calibrated `If` branch as a model of its own (`dync.runtime.branches`)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    with tempfile.TemporaryDirectory(prefix="dync-quantize-") as scratch, _quiet():
-        output = Path(scratch) / "quantized.onnx"
-        quantize_static(model, output, None, calibration_cache_path=ranges, quant_format=QuantFormat.QDQ,
-                        activation_type=activations, weight_type=QuantType.QInt8, per_channel=True,
-                        calibrate_method=METHODS[method], nodes_to_exclude=list(exclude),
-                        op_types_to_quantize=list(op_types), extra_options=extra)
-        return onnx.load(output)
+    def quantize(graph: onnx.ModelProto, cache: Path) -> onnx.ModelProto:
+        with tempfile.TemporaryDirectory(prefix="dync-quantize-") as scratch, _quiet():
+            output = Path(scratch) / "quantized.onnx"
+            quantize_static(_plugin_outputs_typed(graph), output, None, calibration_cache_path=cache,
+                            quant_format=QuantFormat.QDQ, activation_type=activations, weight_type=QuantType.QInt8,
+                            per_channel=True, calibrate_method=METHODS[method], nodes_to_exclude=list(exclude),
+                            op_types_to_quantize=list(op_types), extra_options=extra)
+            return onnx.load(output)
+
+    top = quantize(model, ranges.graph)
+    if not ranges.branches:
+        return top
+    return transform_branches(top, lambda branch, key: quantize(branch, ranges.branches[key])
+                              if key in ranges.branches else branch)
 
 
-def cpu_int8(model: onnx.ModelProto, ranges: Path, method: str, exclude: Collection[str],
+def _plugin_outputs_typed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with a value_info for every `dync::` node output that lacks one, typed as the decomposition
+    infers it: ONNX shape inference cannot type a plugin node's outputs, and onnxruntime's quantizer leaves an
+    untyped tensor unquantized, then fails on the bias of the Conv reading it (or keeps that Conv's input in
+    float)."""
+    from dync.plugins.splice import custom_nodes, decompose_custom_nodes
+
+    graph = model.graph
+    typed = {v.name for v in [*graph.value_info, *graph.output, *graph.input]}
+    missing = {name for node in custom_nodes(model) for name in node.output if name and name not in typed}
+    if not missing:
+        return model
+    inferred = onnx.shape_inference.infer_shapes(decompose_custom_nodes(model))
+    completed = onnx.ModelProto()
+    completed.CopyFrom(model)
+    completed.graph.value_info.extend(v for v in inferred.graph.value_info if v.name in missing)
+    return completed
+
+
+def cpu_int8(model: onnx.ModelProto, ranges: StageRanges, method: str, exclude: Collection[str],
              op_types: Collection[str] = CPU_OP_TYPES) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType
 
     return _quantized(model, ranges, method, QuantType.QUInt8, exclude, op_types, {})
 
 
-def trt_int8(model: onnx.ModelProto, ranges: Path, method: str, exclude: Collection[str]) -> onnx.ModelProto:
+def trt_int8(model: onnx.ModelProto, ranges: StageRanges, method: str, exclude: Collection[str]
+             ) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType
 
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
@@ -84,9 +113,9 @@ def trt_int8(model: onnx.ModelProto, ranges: Path, method: str, exclude: Collect
 
 
 def _qdq_parameters(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
-    """The scale and zero-point initializers of every Q/DQ node."""
+    """The scale and zero-point initializers of every Q/DQ node, in every graph."""
     scales, zero_points = set(), set()
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             scales.add(node.input[1])
             zero_points.add(node.input[2])
@@ -98,7 +127,7 @@ def fp8_qdq(trt_int8_model: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(trt_int8_model)
     scales, zero_points = _qdq_parameters(model)
-    for tensor in model.graph.initializer:
+    for tensor in (t for graph in all_graphs(model.graph) for t in graph.initializer):
         if tensor.name in scales:
             tensor.CopyFrom(numpy_helper.from_array(
                 (numpy_helper.to_array(tensor) * (INT8_AMAX / FP8_AMAX)).astype(np.float32), tensor.name))
@@ -112,14 +141,20 @@ def fp8_qdq(trt_int8_model: onnx.ModelProto) -> onnx.ModelProto:
 def fp8_casts(fp8_model: onnx.ModelProto) -> onnx.ModelProto:
     """The fp8 Q/DQ form as onnxruntime CPU computes it exactly: each weight's Q/DQ pair folded into the
     weight rounded to fp8, each activation's Q a Div and a saturating Cast to fp8, each DQ a Cast back and
-    a Mul."""
+    a Mul; in every graph (a branch reads the weights of the graphs around it)."""
     model = onnx.ModelProto()
     model.CopyFrom(fp8_model)
-    graph = model.graph
-    weights = {t.name: t for t in graph.initializer}
+    _casts_in(model.graph, {})
+    return model
+
+
+def _casts_in(graph: onnx.GraphProto, outer_weights: dict[str, TensorProto]) -> None:
+    weights = {**outer_weights, **{t.name: t for t in graph.initializer}}
     producer = {out: node for node in graph.node for out in node.output}
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
+        for branch in (a.g for a in node.attribute if a.HasField("g")):
+            _casts_in(branch, weights)
         if node.op_type == "QuantizeLinear" and node.input[0] in weights:
             continue  # folded into its DequantizeLinear below
         if node.op_type == "DequantizeLinear" and (quantize := producer.get(node.input[0])) is not None \
@@ -141,11 +176,10 @@ def fp8_casts(fp8_model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
+    used = {name for node in all_nodes(graph) for name in node.input}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return model
 
 
 def _rounded_weight(weights: dict[str, TensorProto], quantize: onnx.NodeProto, name: str) -> TensorProto:
@@ -169,6 +203,6 @@ def _assert_per_tensor(weights: dict[str, TensorProto], node: onnx.NodeProto) ->
 
 def quantized_node_count(model: onnx.ModelProto, original: onnx.ModelProto) -> int:
     """Nodes of the original stage that now read a dequantized tensor."""
-    dequantized = {out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
-    names = {node.name for node in original.graph.node}
-    return sum(1 for node in model.graph.node if node.name in names and set(node.input) & dequantized)
+    dequantized = {out for node in all_nodes(model.graph) if node.op_type == "DequantizeLinear" for out in node.output}
+    names = {node.name for node in all_nodes(original.graph)}
+    return sum(1 for node in all_nodes(model.graph) if node.name in names and set(node.input) & dequantized)

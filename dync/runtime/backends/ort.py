@@ -35,14 +35,13 @@ from dync.errors import InputError, PackageError
 from dync.inputs import batch_of
 from dync.package import Manifest, StageSpec
 from dync.runtime.backends.kernels import EXIT_RULE, KernelTime
+from dync.runtime.branches import has_branches, transform_branches
 from dync.runtime.one_graph import (
     EXIT,
     OUTPUT,
     THRESHOLDS,
     OneGraph,
     one_graph_applies,
-    rename_graph,
-    subgraphs,
     thresholds_feed,
 )
 
@@ -140,89 +139,24 @@ def optimized_for_this_machine(model: onnx.ModelProto, settings: OrtSettings) ->
 
 
 def _with_optimized_branches(source: bytes, settings: OrtSettings) -> bytes:
-    """The model with every `If` branch replaced by the branch as onnxruntime optimizes it on its own.
+    """The model with every `If` branch replaced by the branch as onnxruntime optimizes it on its own
+    (`dync.runtime.branches`), its own branches first.
 
     onnxruntime applies its layout transforms (NCHWc convolutions) and the fusions that follow them to a
     graph's top level only: inside an `If` branch (a spatial block's dense fallback, a stage of the one-graph
-    executor) convolutions ran as plain NCHW, 1.2-1.5x slower. So each branch, deepest first, becomes a
-    model of its own (the outer tensors it reads as inputs, typed by shape inference; the weights it reads
-    as initializers), which onnxruntime optimizes here and which then goes back in its place. A branch
-    reading an outer tensor whose type cannot be inferred stays as it is."""
+    executor) convolutions ran as plain NCHW, 1.2-1.5x slower. A branch reading an outer tensor whose type
+    cannot be inferred stays as it is."""
     if b"If" not in source:
         return source
     model = onnx.load_from_string(source)
-    if not _has_branches(model.graph):
+    if not has_branches(model.graph):
         return source
-    graphs = _all_graphs(onnx.shape_inference.infer_shapes(model).graph)
-    types = {v.name: v for graph in graphs for v in [*graph.value_info, *graph.input, *graph.output]}
-    weights = {t.name: t for graph in _all_graphs(model.graph) for t in graph.initializer}
-    _optimize_branches(model, model.graph, types, weights, settings)
-    used = {name for node in _all_nodes(model.graph) for name in node.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    return model.SerializeToString()
 
+    def optimize(branch: onnx.ModelProto, _key: str) -> onnx.ModelProto:
+        inner = onnx.load_from_string(_with_optimized_branches(branch.SerializeToString(), settings))
+        return optimized_for_this_machine(inner, settings)
 
-def _has_branches(graph: onnx.GraphProto) -> bool:
-    return any(node.op_type == "If" for node in graph.node)
-
-
-def _all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    graphs = [graph]
-    for node in graph.node:
-        for branch in subgraphs(node):
-            graphs += _all_graphs(branch)
-    return graphs
-
-
-def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    nodes = []
-    for node in graph.node:
-        nodes.append(node)
-        for branch in subgraphs(node):
-            nodes += _all_nodes(branch)
-    return nodes
-
-
-def _optimize_branches(model: onnx.ModelProto, graph: onnx.GraphProto, types: dict[str, onnx.ValueInfoProto],
-                       weights: dict[str, onnx.TensorProto], settings: OrtSettings) -> None:
-    for node in graph.node:
-        if node.op_type != "If":
-            continue
-        for attribute in node.attribute:
-            _optimize_branches(model, attribute.g, types, weights, settings)
-            optimized = _optimized_branch(model, attribute.g, types, weights, settings,
-                                          f"{node.name or node.output[0]}/{attribute.name}/")
-            if optimized is not None:
-                attribute.g.CopyFrom(optimized)
-
-
-def _optimized_branch(model: onnx.ModelProto, branch: onnx.GraphProto, types: dict[str, onnx.ValueInfoProto],
-                      weights: dict[str, onnx.TensorProto], settings: OrtSettings, prefix: str
-                      ) -> onnx.GraphProto | None:
-    """The branch optimized as a model of its own, its weights renamed under `prefix` (the optimizer names
-    what it creates alike in every model); None where an outer tensor it reads has no inferred type."""
-    inner = {name for node in _all_nodes(branch) for name in node.output} | {t.name for t in branch.initializer}
-    outer = sorted({name for node in _all_nodes(branch) for name in node.input if name and name not in inner})
-    read_weights = [weights[name] for name in outer if name in weights]
-    outer_values = [name for name in outer if name not in weights]
-    if any(name not in types or not types[name].type.HasField("tensor_type") for name in outer_values):
-        return None
-    standalone = onnx.helper.make_model(
-        onnx.helper.make_graph(list(branch.node), branch.name or "branch", [types[n] for n in outer_values],
-                               list(branch.output), [*branch.initializer, *read_weights]),
-        opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    optimized_model = optimized_for_this_machine(standalone, settings)
-    declared = {o.domain for o in model.opset_import}
-    model.opset_import.extend(o for o in optimized_model.opset_import if o.domain not in declared)
-    optimized = optimized_model.graph
-    outputs = {v.name for v in optimized.output}
-    renamed = {t.name: prefix + t.name for t in optimized.initializer if t.name not in outputs}
-    rename_graph(optimized, lambda name: renamed.get(name, name))
-    del optimized.input[:]
-    del optimized.value_info[:]
-    return optimized
+    return transform_branches(model, optimize).SerializeToString()
 
 
 def _branch_stage(model: onnx.ModelProto, batch: int | None, settings: OrtSettings) -> onnx.ModelProto:

@@ -234,6 +234,9 @@ class QuantizedStageRecord:
     reverted_ops: list[str]
     speedup: float | None = None
     measured_batch: int | None = None
+    inaccurate_ops: list[str] = field(default_factory=list)
+    """Op types left in float because quantizing them at least doubled the stage's output error
+    (`dync.calib.quantize.selection`)."""
     float_decisions: list[str] = field(default_factory=list)
     """The layers a decision is made on (a spatial masker, a token scorer: `dync.calib.quantize.DECISION_OPS`),
     kept in float: rounding them flips discrete decisions."""

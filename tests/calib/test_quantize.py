@@ -25,7 +25,7 @@ import dync
 from dync.calib.calibrate import BudgetRequest, calibrate_package
 from dync.calib.quantize import QuantizeRequest, exit_head, format_quantization, quantize_package
 from dync.calib.quantize.forms import fp8_casts
-from dync.calib.quantize.speed import MEASURE_BATCH, CpuChoice, fastest_cpu_form
+from dync.calib.quantize.selection import MEASURE_BATCH, CpuChoice, choose_cpu_form
 from dync.errors import InputError, QuantizationError
 from dync.lint import ERROR, RESTRICTION, lint_model, lint_package, load_operator_facts
 from dync.package import MANIFEST_FILE, load_manifest, write_manifest
@@ -696,21 +696,38 @@ def test_an_op_type_measured_slower_in_int8_is_reverted() -> None:
     stage = _stage_for_timing()
     quantize = FakeQuantizer()
     timer = fake_timer(lambda types: 0.5 + 0.3 * ("Add" in types) + 0.2 * ("Conv" not in types), stage)
-    choice = fastest_cpu_form(stage, quantize, OP_TYPES, timer, floats=["head"])
-    assert choice.reverted == ["Add"]
+    choice = choose_cpu_form(stage, quantize, OP_TYPES, lambda model: 1.0, timer, floats=["head"])
+    assert choice.reverted == ["Add"] and choice.inaccurate == []
     assert choice.model is not None and set(json.loads(choice.model.doc_string)) == set(OP_TYPES) - {"Add"}
     assert choice.speedup == pytest.approx(2.0)
     trials = [set(OP_TYPES) - set(call) for call in quantize.calls]
-    assert trials == [set(), {"Relu"}, {"Conv"}, {"Add"}, {"Add", "Flatten"}], \
-        "each op type outside the head tried once, the most frequent first, on top of what was kept"
+    assert trials == [set(), {"Relu"}, {"Add"}, {"Flatten"}, {"Conv"}, {"Add", "Flatten"}], \
+        "each form built once: the accuracy pass's (non-weighted types), then the speed pass's on what was kept"
 
 
 def test_int8_slower_than_float32_keeps_the_float_stage() -> None:
     """Where every int8 form is slower than float32, no CPU form is kept: `CpuChoice(model=None)`, every
     present op type (outside the head) listed as left in float, speedup 1."""
     stage = _stage_for_timing()
-    choice = fastest_cpu_form(stage, FakeQuantizer(), OP_TYPES, fake_timer(lambda types: 1.5, stage), ["head"])
-    assert choice == CpuChoice(model=None, reverted=["Add", "Conv", "Flatten", "Relu"], speedup=1.0)
+    choice = choose_cpu_form(stage, FakeQuantizer(), OP_TYPES, lambda model: 1.0, fake_timer(lambda types: 1.5, stage),
+                             ["head"])
+    assert choice == CpuChoice(model=None, reverted=["Add", "Conv", "Flatten", "Relu"], speedup=1.0, inaccurate=[])
+
+
+def test_an_op_type_that_costs_accuracy_is_reverted_untimed() -> None:
+    """Quantized Adds carry most of the error (0.4 against 0.1 without them): the accuracy pass leaves Add in
+    float even without timing, never tries the weighted ops, and keeps the rest in int8."""
+    stage = _stage_for_timing()
+    quantize = FakeQuantizer()
+
+    def error(model: onnx.ModelProto) -> float:
+        types = set(json.loads(model.doc_string))
+        return 0.1 + 0.3 * ("Add" in types) + 0.01 * ("Relu" in types)
+
+    choice = choose_cpu_form(stage, quantize, OP_TYPES, error, None, ["head"])
+    assert choice.inaccurate == ["Add"] and choice.reverted == [] and choice.speedup is None
+    assert set(json.loads(choice.model.doc_string)) == set(OP_TYPES) - {"Add"}
+    assert all("Conv" in call and "Gemm" in call for call in quantize.calls)
 
 
 def test_measured_quantization_records_its_choice(two_stage: TwoStagePackage, tmp_path: Path) -> None:

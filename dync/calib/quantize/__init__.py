@@ -8,11 +8,11 @@ k). Where fewer than `min_samples` reach a stage, all samples calibrate it, and 
 
 The ranges (onnxruntime's calibrators, `ranges.py`) are stored in the package, and every form of the stage
 is written from them by onnxruntime's quantizer (`forms.py`): the CPU form for onnxruntime's fast kernels,
-with op types whose int8 form measured slower left in float (`speed.py`), and the TensorRT form. Plugin
-nodes, the exit heads (each exit's classifier layer) and the layers whose outputs are decided on (a spatial
-masker, a token scorer) stay in float. Quantizing moves confidences, so the thresholds are then chosen
-again for the package's budget (`dync.calib.calibrate`) and stored for this precision, and what that changed
-is recorded (`RecalibrationRecord`).
+with op types whose int8 form cost accuracy or measured slower left in float (`selection.py`), and the
+TensorRT form. Plugin nodes, the exit heads (each exit's classifier layer) and the layers whose outputs are
+decided on (a spatial masker, a token scorer) stay in float. Quantizing moves confidences, so the thresholds
+are then chosen again for the package's budget (`dync.calib.calibrate`) and stored for this precision, and
+what that changed is recorded (`RecalibrationRecord`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,13 @@ from dync.calib.quantize.forms import (
     trt_int8,
 )
 from dync.calib.quantize.ranges import METHODS, StageRanges, calibrate_ranges
-from dync.calib.quantize.speed import MEASURE_BATCH, CpuChoice, fastest_cpu_form, onnxruntime_timer
+from dync.calib.quantize.selection import (
+    MEASURE_BATCH,
+    CpuChoice,
+    choose_cpu_form,
+    onnxruntime_error,
+    onnxruntime_timer,
+)
 from dync.errors import InputError, ProfileError, QuantizationError
 from dync.inputs import Inputs, batch_of
 from dync.package import Manifest, StageSpec, file_record, load_manifest, write_manifest
@@ -174,7 +180,7 @@ def _quantize_stages(engine: Engine, feeds: dict[str, np.ndarray], request: Quan
             reaching_samples=reaching, all_samples=everyone,
             quantized_nodes=quantized_node_count(trt if request.format == "fp8" else choice.model or trt, model),
             float_heads=heads, float_decisions=decisions,
-            reverted_ops=choice.reverted, speedup=choice.speedup,
+            reverted_ops=choice.reverted, inaccurate_ops=choice.inaccurate, speedup=choice.speedup,
             measured_batch=MEASURE_BATCH if choice.speedup is not None else None))
         outputs = _run_everyone(choice.model or model, stage, state)
         state.update((name, outputs[name]) for name in stage.writes)
@@ -195,11 +201,12 @@ def _forms(model: onnx.ModelProto, stage: StageSpec, ranges: StageRanges, reques
     trt = _own_names(_quantizing(stage, lambda: trt_int8(model, ranges, request.method, heads)), model, prefix)
     if request.format == "fp8":
         trt = fp8_qdq(trt)
-        return CpuChoice(fp8_casts(trt), [], None), trt
-    if not request.measure:
-        return CpuChoice(quantize(CPU_OP_TYPES), [], None), trt
-    report(f"stage {stage.name}: timing its int8 form per op type against float32 at batch {MEASURE_BATCH}")
-    return fastest_cpu_form(model, quantize, CPU_OP_TYPES, onnxruntime_timer(feeds), heads), trt
+        return CpuChoice(fp8_casts(trt), [], None, []), trt
+    timer = None
+    if request.measure:
+        report(f"stage {stage.name}: timing its int8 form per op type against float32 at batch {MEASURE_BATCH}")
+        timer = onnxruntime_timer(feeds)
+    return choose_cpu_form(model, quantize, CPU_OP_TYPES, onnxruntime_error(model, feeds), timer, heads), trt
 
 
 def _relative(path: Path, package_dir: Path) -> str:
@@ -357,7 +364,9 @@ def format_quantization(record: QuantizationRecord) -> str:
         who = f"{stage.calibration_samples} (all: {stage.reaching_samples} reach it)" if stage.all_samples \
             else f"{stage.calibration_samples} reaching"
         decisions = [f"{len(stage.float_decisions)} decision nodes"] if stage.float_decisions else []
-        kept = ", ".join([*(["head"] if stage.float_heads else []), *decisions, *stage.reverted_ops]) or "-"
+        inaccurate = [f"{op} (accuracy)" for op in stage.inaccurate_ops]
+        kept = ", ".join([*(["head"] if stage.float_heads else []), *decisions, *inaccurate, *stage.reverted_ops]) \
+            or "-"
         form = "float32 (int8 measured slower)" if stage.cpu is None else \
             ("fp8 emulated" if record.format == "fp8" else "int8")
         speed = "-" if stage.speedup is None else f"{stage.speedup:.2f}x at batch {stage.measured_batch}"

@@ -366,7 +366,8 @@ def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: 
               help="A stage fewer samples reach than this is calibrated on all of them.")
 @click.option("--quantize-heads", is_flag=True, help="Quantize the exit heads too (by default they stay float).")
 @click.option("--measure/--no-measure", default=True, show_default=True,
-              help="Time each stage's op types in int8 against float32 and keep the faster (int8 only).")
+              help="Time each stage's op types in int8 against float32 and keep the faster (int8 only; op types "
+                   "that cost accuracy stay float either way).")
 def quantize(package: Path, data_path: Path, labels_path: Path | None, quant_format: str, method: str,
              min_samples: int, quantize_heads: bool, measure: bool) -> None:
     """Quantize PACKAGE stage by stage, each on the samples that reach it; store the CPU and TensorRT forms."""

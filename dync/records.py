@@ -205,7 +205,8 @@ class CalibrationRecord:
     min_cost: float
     created: str
     family: str = "geometric"
-    """Which search found the setting: geometric (with its q), uniform or direct (dync.calib.search)."""
+    """Which search found the setting: geometric (with its q), uniform or direct (dync.calib.search), or
+    "kept": the float32 thresholds, kept for a quantized package."""
 
 
 @dataclass(frozen=True)

@@ -100,9 +100,11 @@ BOOTSTRAPS = 5
 
 
 def calibrate_package(
-    engine: Engine, data: Inputs, request: BudgetRequest, labels: np.ndarray | None = None
+    engine: Engine, data: Inputs, request: BudgetRequest, labels: np.ndarray | None = None,
+    anchor: np.ndarray | None = None,
 ) -> Calibration:
-    """Choose thresholds for the budget, store them in the package, and return the whole curve."""
+    """Choose thresholds for the budget, store them in the package, and return the whole curve; `anchor`:
+    thresholds to stay near among equally accurate settings (`dync.calib.search.search`)."""
     request.check()
     feeds = engine.input_feeds(data)
     engine.check_feeds(feeds)
@@ -121,7 +123,7 @@ def calibrate_package(
     confidences = engine.criteria.confidences(outputs)
     truth = outputs[-1].argmax(axis=-1) if labels is None else labels  # without labels: agreement with the full model
     correct = [o.argmax(axis=-1) == truth for o in outputs]
-    result = calibrate(confidences, cost_of, budget, correct, bootstraps=BOOTSTRAPS)
+    result = calibrate(confidences, cost_of, budget, correct, bootstraps=BOOTSTRAPS, anchor=anchor)
     _store(engine, result, request, batch_of(feeds))
     return result
 

@@ -19,7 +19,7 @@ evaluated. Without labels, the accuracy is the agreement with the last exit's pr
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,10 +72,18 @@ def _key(setting: Setting, budget: float) -> tuple[bool, float, float]:
     return within, setting.accuracy, setting.cost if within else -setting.cost
 
 
-def best_within(settings: Sequence[Setting], budget: float) -> Setting | None:
-    """The most accurate setting costing at most `budget` (the costlier on a tie); None when none does."""
+def best_within(settings: Sequence[Setting], budget: float, moved: Callable[[Setting], int] | None = None
+                ) -> Setting | None:
+    """The most accurate setting costing at most `budget`; on a tie the costlier, or with `moved` (how many
+    samples a setting sends elsewhere than a reference does) the one moving the fewest, then the costlier.
+    None when no setting fits."""
     feasible = [s for s in settings if s.cost <= budget]
-    return max(feasible, key=lambda s: (s.accuracy, s.cost)) if feasible else None
+    if not feasible:
+        return None
+    if moved is None:
+        return max(feasible, key=lambda s: (s.accuracy, s.cost))
+    top = max(s.accuracy for s in feasible)
+    return min((s for s in feasible if s.accuracy >= top), key=lambda s: (moved(s), -s.cost))
 
 
 def direct_search(evaluation: Evaluation, budget: float, starts: Sequence[Setting]) -> list[Setting]:
@@ -116,14 +124,24 @@ def pareto_front(settings: Sequence[Setting]) -> list[Setting]:
     return front
 
 
-def search(evaluation: Evaluation, budget: float, geometric: Sequence[Setting]) -> tuple[Setting, list[Setting],
-                                                                                          list[Setting]]:
-    """(the chosen setting, the uniform curve, the Pareto front of every setting evaluated)."""
+def search(evaluation: Evaluation, budget: float, geometric: Sequence[Setting], anchor: np.ndarray | None = None
+           ) -> tuple[Setting, list[Setting], list[Setting]]:
+    """(the chosen setting, the uniform curve, the Pareto front of every setting evaluated). With `anchor`
+    (thresholds chosen before, e.g. for the float32 package), those are a candidate too ("kept"), and among
+    equally accurate settings the one that moves the fewest samples off the anchor's exits wins."""
     uniform = uniform_curve(evaluation)
     known = [*uniform, *geometric]
+    moved = None
+    if anchor is not None:
+        known.append(evaluation.setting(anchor, "kept"))
+        anchored = simulate_exits(evaluation.confidences, anchor)
+
+        def moved(setting: Setting) -> int:
+            return int((simulate_exits(evaluation.confidences, setting.thresholds) != anchored).sum())
+
     starts = sorted((s for s in known if s.cost <= budget), key=lambda s: (s.accuracy, s.cost), reverse=True)
     everything = [*known, *direct_search(evaluation, budget, starts[:STARTS])]
-    chosen = best_within(everything, budget)
+    chosen = best_within(everything, budget, moved)
     assert chosen is not None, "the caller checked that some setting fits the budget"
     return chosen, uniform, pareto_front(everything)
 
@@ -155,11 +173,12 @@ def calibrate(
     budget: float,
     correct: Sequence[np.ndarray] | None = None,
     bootstraps: int = 0,
+    anchor: np.ndarray | None = None,
 ) -> Calibration:
     """Thresholds for `budget`. With `correct` (per exit, whether each sample is classified right), the most
-    accurate setting within the budget of the geometric, uniform and direct searches (`search.py`), and
-    with `bootstraps` the spread of that choice over resamples; without, the geometric setting closest to the
-    budget."""
+    accurate setting within the budget of the geometric, uniform and direct searches (`search.py`; nearest
+    `anchor`'s exits on a tie, see `search`), and with `bootstraps` the spread of that choice over resamples;
+    without, the geometric setting closest to the budget."""
     num_exits = len(confidences)
     size = len(confidences[0])
     at_exit = [np.full(size, k, dtype=np.int64) for k in range(num_exits)]
@@ -171,6 +190,6 @@ def calibrate(
     if correct is None:
         return Calibration(geometric, curve, anytime, budget, min_cost)
     evaluation = Evaluation(confidences, np.stack(correct), cost_of)
-    chosen, uniform, front = search(evaluation, budget, curve)
+    chosen, uniform, front = search(evaluation, budget, curve, anchor)
     stability = bootstrap_spread(evaluation, budget, curve, bootstraps) if bootstraps else None
     return Calibration(chosen, curve, anytime, budget, min_cost, uniform, front, stability)

@@ -96,3 +96,21 @@ def test_settings_are_scored_as_the_runtime_would_exit() -> None:
     exits = simulate_exits(confidences, thresholds)
     assert setting.exit_counts.tolist() == np.bincount(exits, minlength=3).tolist()
     assert setting.accuracy == pytest.approx(np.stack(correct)[exits, np.arange(100)].mean())
+
+
+def test_an_anchor_keeps_exits_in_place_among_equally_accurate_settings() -> None:
+    """Every exit is always right, so every setting within the budget is equally accurate: without an anchor
+    the search takes the costliest, with one it takes a setting that moves no sample off the anchor's exits
+    (the anchor itself, "kept", when nothing else does as well), still within the budget."""
+    confidences, _ = _table(3, 300, seed=5)
+    correct = [np.ones(300, dtype=bool)] * 3
+    cost_of = flops_cost(CUMULATIVE_3)
+    anchor = np.array([0.8, 0.6])
+    anchored = simulate_exits(confidences, anchor)
+    budget = cost_of(anchored) + 0.01
+    free = calibrate(confidences, cost_of, budget, correct)
+    kept = calibrate(confidences, cost_of, budget, correct, anchor=anchor)
+    assert kept.chosen.cost <= budget and kept.chosen.accuracy == free.chosen.accuracy == 1.0
+    assert (simulate_exits(confidences, kept.chosen.thresholds) == anchored).all()
+    assert (simulate_exits(confidences, free.chosen.thresholds) != anchored).any(), \
+        "the test needs the costlier choice to move samples"

@@ -73,7 +73,7 @@ T = TypeVar("T")
 class QuantizeRequest:
     """What `dync quantize` was asked: the format, onnxruntime's calibration method, the fewest reaching
     samples a stage is calibrated on alone, whether exit heads are quantized too, and whether op types are
-    timed (off: every quantizable op type runs in int8)."""
+    timed (off: every op type that keeps the stage's accuracy runs in int8; `selection.py`)."""
 
     format: str = "int8"
     method: str = "minmax"
@@ -309,8 +309,9 @@ def _commit(package_dir: Path, record: QuantizationRecord, directory: str) -> No
 
 def _recalibrate(package_dir: Path, feeds: dict[str, np.ndarray], labels: np.ndarray | None, format: str,
                  report: Progress) -> QuantizationRecord:
-    """Thresholds for the quantized package at the budget its float32 thresholds were chosen for, and how
-    many samples exit elsewhere than in float32."""
+    """Thresholds for the quantized package at the budget its float32 thresholds were chosen for (the most
+    accurate, and among those the one moving the fewest samples off their float32 exits), and how many
+    samples exit elsewhere than in float32."""
     fp32 = Engine.load(package_dir, precision="fp32")
     quantized = Engine.load(package_dir, precision=format)
     reference = exit_outputs(fp32, feeds)
@@ -330,11 +331,11 @@ def _recalibrate(package_dir: Path, feeds: dict[str, np.ndarray], labels: np.nda
         request = BudgetRequest(metric=calibration.metric, budget=calibration.budget,
                                 batch_size=calibration.batch_size or BudgetRequest.batch_size)
         try:
-            calibrate_package(quantized, feeds, request, labels=labels)
+            calibrate_package(quantized, feeds, request, labels=labels, anchor=thresholds)
         except ProfileError:
             report(f"no {format} latency profile (dync profile --precision {format}): the thresholds are chosen "
                    f"for {calibration.budget:.3g} x the full model's MACs instead")
-            calibrate_package(quantized, feeds, replace(request, metric="flops"), labels=labels)
+            calibrate_package(quantized, feeds, replace(request, metric="flops"), labels=labels, anchor=thresholds)
         new = resolve_thresholds(quantized.manifest.thresholds, quantized.num_exits)
         new_exits = simulate_exits(quantized.criteria.confidences(outputs), new)
         summary = replace(summary, cost_recalibrated=cost_of(new_exits),

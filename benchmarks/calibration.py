@@ -5,11 +5,12 @@ Run from the repository root:  python -m benchmarks.calibration [--repeats 15]
 1. Budget: the bundled digits model is calibrated on one half of its held-out split for budgets 0.3, 0.5
    and 0.7 of the full model (MACs, and predicted latency at batch 64), and the cost is measured on the other
    half. Goal: held-out cost within [0.85, 1.05] x budget.
-2. Thresholds: on the digits model (labels) and the zoo's 7-exit MSDNet-like model (random weights and
-   inputs; accuracy is agreement with its last exit), thresholds searched on one half at budgets 0.2, 0.3,
-   0.5 and 0.7 (`dync.calib.search`), against the best uniform threshold and the best geometric setting
-   found on the same half, all scored on the other half. Goal: dync never less accurate than either at
-   equal or lower held-out cost, held-out cost within [0.85, 1.05] x budget.
+2. Thresholds: on the digits model (labels), the zoo's 7-exit MSDNet-like model and the zoo's other
+   early-exit models (random weights and inputs; accuracy is agreement with the last exit), thresholds
+   searched on one half at budgets 0.2, 0.3, 0.5 and 0.7 (`dync.calib.search`), against the best uniform
+   threshold and the best geometric setting found on the same half, all scored on the other half. Goal:
+   dync never less accurate than either at equal or lower held-out cost, held-out cost within
+   [0.85, 1.05] x budget.
 3. MACs: the package's cumulative MACs of the full model against `torch.utils.flop_counter` on the eager
    forward (which counts 2 FLOPs per multiply-accumulate). Goal: within 10%.
 4. Latency: the time `dync profile` predicts for a run (with compaction) against the measured median, at
@@ -77,7 +78,12 @@ def _halves(engine: Engine, x: np.ndarray, y: np.ndarray | None) -> list[Evaluat
 def threshold_rows(name: str, engine: Engine, x: np.ndarray, y: np.ndarray | None) -> list[str]:
     search_half, held_out = _halves(engine, x, y)
     rows = []
+    cheapest = search_half.cost_of(np.zeros(len(search_half.confidences[0]), dtype=np.int64))
     for budget in SEARCH_BUDGETS:
+        if budget < cheapest:
+            rows.append(f"| {name} | {budget} | below the cheapest cost, {cheapest:.3f} (every sample at exit 0) "
+                        "| - | - | - | - | - |")
+            continue
         result = calibrate(search_half.confidences, search_half.cost_of, budget, list(search_half.correct))
         picks = {"dync": result.chosen, "uniform": best_within(result.uniform, budget),
                  "geometric": best_within(result.curve, budget)}
@@ -158,6 +164,10 @@ def main() -> None:
         msdnet_engine = dync.load(work / "msdnet_cifar7.dync")
         rows += threshold_rows("msdnet_cifar7 (agreement)", msdnet_engine, msdnet_engine.example_input(2000, seed=5),
                                None)
+        for name in ZOO:
+            engine = dync.load(work / f"zoo {name}.dync")
+            if engine.num_exits > 1:
+                rows += threshold_rows(f"zoo {name} (agreement)", engine, engine.example_input(2000, seed=5), None)
         print("\n".join(rows))
 
         print("\nLatency predicted from the profile / measured median, msdnet_cifar7 (7 exits)\n")

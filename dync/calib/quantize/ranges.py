@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 from onnxruntime.quantization.calibrate import CalibraterBase, create_calibrator, save_tensors_data
 
@@ -57,11 +58,11 @@ def _calibrator(model: onnx.ModelProto, method: str, op_types: Collection[str], 
                              calibrate_method=METHODS[method])
 
 
-def _outer_values(model: onnx.ModelProto, branches: list[Branch]) -> tuple[list[str], object]:
+def _outer_values(model: onnx.ModelProto, branches: list[Branch]) -> tuple[list[str], ort.InferenceSession]:
     """The names of the outer values the branches read, and a session computing them from the stage inputs."""
     names = sorted({name for branch in branches for name in branch.outer_values})
-    probe = decompose_custom_nodes(model)
-    probe = onnx.ModelProto.FromString(probe.SerializeToString())
+    probe = onnx.ModelProto()
+    probe.CopyFrom(decompose_custom_nodes(model))  # a copy: without plugin nodes, that is `model` itself
     declared = {v.name for v in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in declared)
     return names, session_from_onnx(probe, OrtSettings(), optimize_branches=False)

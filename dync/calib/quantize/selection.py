@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from dync.calib.quantize.forms import WEIGHTED_OPS
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx, with_batch
 from dync.timing import median_times
 
@@ -32,7 +33,6 @@ FASTER = 0.97
 """A change is kept when it takes at most this fraction of the time without it (noise is a few percent)."""
 MORE_ACCURATE = 0.5
 """An op type goes back to float when that leaves at most this fraction of the stage's error."""
-WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 Quantize = Callable[[Sequence[str]], onnx.ModelProto]
 """The stage quantized with these op types (the others in float)."""
@@ -68,7 +68,7 @@ def choose_cpu_form(stage: onnx.ModelProto, quantize: Quantize, op_types: Sequen
     kept = list(op_types)
     present = Counter(node.op_type for node in stage.graph.node if node.op_type in kept and node.name not in floats)
     order = [op_type for op_type, _ in present.most_common()]
-    kept, inaccurate = _accuracy_pass(kept, [t for t in order if t not in WEIGHTED], form, error)
+    kept, inaccurate = _accuracy_pass(kept, [t for t in order if t not in WEIGHTED_OPS], form, error)
     if timer is None:
         return CpuChoice(form(kept), [], None, inaccurate)
     times = timer({"float32": stage, "int8": form(kept)})

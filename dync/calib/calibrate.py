@@ -101,17 +101,18 @@ BOOTSTRAPS = 5
 
 def calibrate_package(
     engine: Engine, data: Inputs, request: BudgetRequest, labels: np.ndarray | None = None,
-    anchor: np.ndarray | None = None,
+    anchor: np.ndarray | None = None, outputs: list[np.ndarray] | None = None,
 ) -> Calibration:
     """Choose thresholds for the budget, store them in the package, and return the whole curve; `anchor`:
-    thresholds to stay near among equally accurate settings (`dync.calib.search.search`)."""
+    thresholds to stay near among equally accurate settings (`dync.calib.search.search`); `outputs`: every
+    exit's outputs on `data` (`exit_outputs`), when the caller has them already."""
     request.check()
     feeds = engine.input_feeds(data)
     engine.check_feeds(feeds)
     if batch_of(feeds) < MIN_SAMPLES:
         raise InputError(f"calibration needs at least {MIN_SAMPLES} samples to set thresholds from, got "
                          f"{batch_of(feeds)}; give a validation set.")
-    outputs = exit_outputs(engine, feeds)
+    outputs = exit_outputs(engine, feeds) if outputs is None else outputs
     check_labels(labels, batch_of(feeds), outputs[0].shape[-1])
     if request.metric == "flops":
         cost_of = flops_cost([e.cumulative_macs for e in engine.manifest.exits])

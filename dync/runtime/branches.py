@@ -36,6 +36,20 @@ def has_branches(graph: onnx.GraphProto) -> bool:
     return any(node.op_type == "If" for node in graph.node)
 
 
+def prefix_made_names(made: onnx.GraphProto, original: onnx.GraphProto, prefix: str) -> None:
+    """Every node and tensor name in `made` (a transform of `original`: optimized, quantized) that `original`
+    does not have, renamed under `prefix`, in place: a transform names what it creates alike in every graph
+    it is given, and graphs that end up in one model must not define a name twice."""
+    graphs = all_graphs(original)
+    kept = {v.name for g in graphs for v in [*g.input, *g.output]} | {t.name for g in graphs for t in g.initializer}
+    kept |= {name for node in all_nodes(original) for name in [*node.input, *node.output]}
+    node_names = {node.name for node in all_nodes(original)}
+    rename_graph(made, lambda name: name if not name or name in kept else prefix + name)
+    for node in all_nodes(made):
+        if node.name not in node_names:
+            node.name = prefix + node.name
+
+
 @dataclass(frozen=True)
 class Branch:
     """One branch of a top-level `If`: where it is (`key`: node and attribute), the attribute holding it,
@@ -89,17 +103,9 @@ class Branches:
     def put_back(self, branch: Branch, standalone: onnx.ModelProto, transformed: onnx.ModelProto) -> None:
         """`transformed` (made from `standalone`) in the branch's place: the names it made renamed under the
         branch's key, its inputs dropped (they are the outer values again), its opsets declared."""
-        graph = standalone.graph
-        kept = {v.name for v in [*graph.input, *graph.output]} | {t.name for t in graph.initializer}
-        kept |= {name for node in all_nodes(graph) for name in [*node.input, *node.output]}
-        node_names = {node.name for node in all_nodes(graph)}
         result = onnx.GraphProto()
         result.CopyFrom(transformed.graph)
-        prefix = f"{branch.key}/"
-        rename_graph(result, lambda name: name if not name or name in kept else prefix + name)
-        for node in all_nodes(result):
-            if node.name not in node_names:
-                node.name = prefix + node.name
+        prefix_made_names(result, standalone.graph, f"{branch.key}/")
         del result.input[:]
         del result.value_info[:]
         declared = {o.domain for o in self.model.opset_import}

@@ -53,7 +53,7 @@ from dync.inputs import Inputs, batch_of
 from dync.package import Manifest, StageSpec, file_record, load_manifest, write_manifest
 from dync.records import QuantizationRecord, QuantizedStageRecord, RecalibrationRecord
 from dync.runtime.backends.ort import OrtSettings, StageSession
-from dync.runtime.branches import all_graphs, all_nodes
+from dync.runtime.branches import prefix_made_names
 from dync.runtime.engine import Engine
 from dync.runtime.exit_rule import resolve_thresholds
 
@@ -225,19 +225,10 @@ def _quantizing(stage: StageSpec, quantize: Callable[[], T]) -> T:
 
 
 def _own_names(quantized: onnx.ModelProto, original: onnx.ModelProto, prefix: str) -> onnx.ModelProto:
-    """Every node and tensor the quantizer made, renamed under the stage's prefix: its names (`relu_1_scale`,
-    `relu_1_QuantizeLinear`) are alike in the stage writing a tensor and the stage reading it, and the static
-    full model merges stages by name."""
-    from dync.runtime.one_graph import rename_graph
-
-    graphs = all_graphs(original.graph)
-    names = {v.name for g in graphs for v in [*g.input, *g.output]} | {t.name for g in graphs for t in g.initializer}
-    names |= {name for node in all_nodes(original.graph) for name in [*node.input, *node.output]}
-    node_names = {node.name for node in all_nodes(original.graph)}
-    rename_graph(quantized.graph, lambda name: name if not name or name in names else prefix + name)
-    for node in all_nodes(quantized.graph):
-        if node.name not in node_names:
-            node.name = prefix + node.name
+    """`quantized` with the names the quantizer made under the stage's prefix (`relu_1_scale` and
+    `relu_1_QuantizeLinear` would be alike in the stage writing a tensor and the stage reading it, and the
+    static full model merges stages by name)."""
+    prefix_made_names(quantized.graph, original.graph, prefix)
     return quantized
 
 
@@ -249,36 +240,43 @@ their input stays float, since rounding it flips decisions, which changes what i
 def exit_head(model: onnx.ModelProto, output: str) -> list[str]:
     """The exit's classifier: the nodes from the last weighted op (Conv, Gemm, MatMul with a weight) on the
     way back from the exit output up to it, that op included. Empty when the exit has no such layer."""
-    return _back_to_weighted(model, [output])
+    return _BackToWeighted(model)([output])
 
 
 def decision_layers(model: onnx.ModelProto) -> list[str]:
     """The nodes from each decision op (`DECISION_OPS`) back to the weighted layers that compute its inputs."""
+    walk = _BackToWeighted(model)
     found: list[str] = []
     for node in model.graph.node:
         if node.op_type in DECISION_OPS:
-            found += [name for name in _back_to_weighted(model, list(node.input)) if name not in found]
+            found += [name for name in walk(list(node.input)) if name not in found]
     return found
 
 
-def _back_to_weighted(model: onnx.ModelProto, tensors: list[str]) -> list[str]:
-    """The nodes on the way back from `tensors` to the first weighted op on each path, those ops included;
-    empty when no path meets one."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    weights = {t.name for t in model.graph.initializer}
-    visited: list[str] = []
-    found = False
-    frontier = list(tensors)
-    while frontier:
-        node = producers.get(frontier.pop())
-        if node is None or node.name in visited:
-            continue
-        visited.append(node.name)
-        if node.op_type in WEIGHTED_OPS and any(name in weights for name in node.input[1:]):
-            found = True
-            continue
-        frontier += list(node.input)
-    return visited if found else []
+class _BackToWeighted:
+    """Walks a graph back from tensors to the first weighted op on each path (its producers and weights
+    indexed once, for every walk)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._producers = {out: node for node in model.graph.node for out in node.output}
+        self._weights = {t.name for t in model.graph.initializer}
+
+    def __call__(self, tensors: list[str]) -> list[str]:
+        """The nodes on the way back from `tensors`, the weighted ops met included; empty when no path meets
+        one."""
+        visited: list[str] = []
+        found = False
+        frontier = list(tensors)
+        while frontier:
+            node = self._producers.get(frontier.pop())
+            if node is None or node.name in visited:
+                continue
+            visited.append(node.name)
+            if node.op_type in WEIGHTED_OPS and any(name in self._weights for name in node.input[1:]):
+                found = True
+                continue
+            frontier += list(node.input)
+        return visited if found else []
 
 
 def _run_everyone(model: onnx.ModelProto, stage: StageSpec, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -320,7 +318,8 @@ def _recalibrate(package_dir: Path, feeds: dict[str, np.ndarray], labels: np.nda
     cost_of = flops_cost([e.cumulative_macs for e in fp32.manifest.exits])
     thresholds = resolve_thresholds(fp32.manifest.thresholds, fp32.num_exits)
     fp32_exits = simulate_exits(fp32.criteria.confidences(reference), thresholds)
-    same_exits = simulate_exits(quantized.criteria.confidences(outputs), thresholds)
+    confidences = quantized.criteria.confidences(outputs)
+    same_exits = simulate_exits(confidences, thresholds)
     summary = RecalibrationRecord(
         samples=len(truth), labels=labels is not None,
         cost_fp32=cost_of(fp32_exits), accuracy_fp32=_accuracy(reference, fp32_exits, truth),
@@ -331,13 +330,14 @@ def _recalibrate(package_dir: Path, feeds: dict[str, np.ndarray], labels: np.nda
         request = BudgetRequest(metric=calibration.metric, budget=calibration.budget,
                                 batch_size=calibration.batch_size or BudgetRequest.batch_size)
         try:
-            calibrate_package(quantized, feeds, request, labels=labels, anchor=thresholds)
+            calibrate_package(quantized, feeds, request, labels=labels, anchor=thresholds, outputs=outputs)
         except ProfileError:
             report(f"no {format} latency profile (dync profile --precision {format}): the thresholds are chosen "
                    f"for {calibration.budget:.3g} x the full model's MACs instead")
-            calibrate_package(quantized, feeds, replace(request, metric="flops"), labels=labels, anchor=thresholds)
+            calibrate_package(quantized, feeds, replace(request, metric="flops"), labels=labels, anchor=thresholds,
+                              outputs=outputs)
         new = resolve_thresholds(quantized.manifest.thresholds, quantized.num_exits)
-        new_exits = simulate_exits(quantized.criteria.confidences(outputs), new)
+        new_exits = simulate_exits(confidences, new)
         summary = replace(summary, cost_recalibrated=cost_of(new_exits),
                           accuracy_recalibrated=_accuracy(outputs, new_exits, truth),
                           changed_recalibrated=int((new_exits != fp32_exits).sum()))

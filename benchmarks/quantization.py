@@ -4,7 +4,8 @@ Run from the repository root:  python -m benchmarks.quantization [--repeats 10] 
 
 * **Per stage**: each stage's CPU int8 form (what `dync quantize` stores; op types measured slower left in
   float) against the float32 stage, at batch 1 and 8, on the zoo's 7-exit MSDNet-like model (CIFAR size), a
-  LASNet-like ResNet-50 (224x224, 16 masked bottlenecks) and timm's ViT-S/16 (224x224), random weights.
+  LASNet-like ResNet-50 (224x224, 16 masked bottlenecks), timm's ViT-S/16 and torchvision's ResNet-50
+  (224x224), random weights.
   Both sides run with the stage's runtime settings: batch fixed, plugin nodes on their CPU path.
   Goal: >= 1.8x for conv and MatMul stages on a CPU with VNNI.
 * **End to end**: the int8 package against the float32 package (`dync.load(PKG, precision=...)`), every
@@ -68,7 +69,8 @@ def _models() -> dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]
     return {"msdnet_cifar7": (msdnet, (16, 3, 32, 32)),
             "LASNet-ResNet-50-like": (lambda: lasnet(False), image),
             "LASNet-ResNet-50-like, masks fixed": (lambda: lasnet(True), image),
-            "timm vit_small_patch16_224": (lambda: build("timm", "vit_small_patch16_224"), image)}
+            "timm vit_small_patch16_224": (lambda: build("timm", "vit_small_patch16_224"), image),
+            "torchvision resnet50": (lambda: build("torchvision", "resnet50"), image)}
 
 
 def _stage_session(model: onnx.ModelProto, batch: int):

@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
 
 def export(*args: Any, **kwargs: Any):
-    """See `dync.exporter.export`."""
+    """See `dync.exporter.export`; needs `dync[export]`, which the light runtime install leaves out."""
+    from dync.extras import require_export
+
+    require_export("dync.export(...)")
     from dync.exporter import export as _export
 
     return _export(*args, **kwargs)

@@ -18,6 +18,7 @@ import click
 import numpy as np
 
 from dync.errors import DyncError, InputError
+from dync.extras import require, require_export
 
 
 class _Group(click.Group):
@@ -170,6 +171,7 @@ def export(model: Path, output: Path, input_shape: list[int] | None, example: Pa
 
     A pickled module is loaded only with --trust-pickle: unpickling runs code from the file.
     """
+    require_export("dync export")
     from dync.exporter import export as run_export
 
     with warnings.catch_warnings():
@@ -263,6 +265,7 @@ def run(package: Path, input_path: Path, thresholds: list[float] | None, output:
 def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol: float | None, atol: float,
            trust_pickle: bool, precision: str | None) -> None:
     """Check every exit path of PACKAGE against eager PyTorch; exit status 1 on mismatch."""
+    require_export("dync verify")
     import dync
     from dync.verify import verify as run_verify
 
@@ -338,6 +341,8 @@ def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: 
 
     if plot_path is not None and not plot_path.parent.is_dir():
         raise InputError(f"the directory of --plot {plot_path} does not exist; create it or choose another path.")
+    if plot_path is not None:  # before calibrating, which stores thresholds: fail before changing the package
+        require("matplotlib", "plot", "dync calibrate --plot")
     engine = dync.load(package, precision=precision)
     labels = _load_array(labels_path) if labels_path else None
     request = BudgetRequest(metric=metric, budget=budget, budget_ms=budget_ms, batch_size=batch_size)
@@ -408,6 +413,8 @@ def profile(package: Path, backend: str, batch_sizes: list[int], repeats: int, t
               show_default=True, help="Where to write the calibration picture.")
 def demo(output: Path | None, plot: Path) -> None:
     """Export, verify, run and calibrate the bundled multi-exit digits CNN, with accuracy and speedups."""
+    require_export("dync demo")
+    require("matplotlib", "plot", "dync demo")
     from dync.demo import run_demo
 
     run_demo(output, plot, echo=click.echo, progress=_progress)

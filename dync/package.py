@@ -161,6 +161,8 @@ def at_precision(manifest: Manifest, precision: str | None = None, form: str = "
     that precision's `form` and that precision's thresholds. A copy; never written back (calibration and
     verification store into the manifest on disk)."""
     precision = precision or default_precision(manifest)
+    if precision == "fp16" and form == "trt":
+        return manifest  # TensorRT builds fp16 engines from the float32 stages (dync.build.forms)
     if precision not in PRECISIONS:
         raise InputError(f"precision '{precision}' is unknown; choose one of {', '.join(PRECISIONS)}.")
     assert form in FORMS, form
@@ -199,15 +201,15 @@ def write_package_file(package_dir: Path, relative: str, text: str) -> Path:
                            "and run the command again.") from exc
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """`path` holds `text` or what it held before, never a part: the text goes to a temporary file beside it,
+def write_atomically(path: Path, text: str | bytes) -> None:
+    """`path` holds `text` (or bytes) or what it held before, never a part: it goes to a temporary file beside it,
     is flushed to disk, and the file is renamed over `path` (atomic on POSIX and Windows), then the directory
     entry is flushed. A reader sees the old or the new file; a kill or a full disk leaves the old one."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(text)
+        with open(temporary, "wb") as file:
+            file.write(text if isinstance(text, bytes) else text.encode("utf-8"))
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

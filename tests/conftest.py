@@ -8,6 +8,7 @@ loader) and exported from that file. The export is observed, not repeated: `capt
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,15 @@ from click.testing import CliRunner, Result
 import dync
 import dync.exporter
 from dync.cli import main
+from dync.errors import SpatialLoweringWarning
 from dync.exporter.capture import Captured
 from dync.exporter.partition import Stage
 from dync.exporter.probe import Probe
+from dync.package import load_manifest
 from dync.runtime.engine import Engine
 from tests.models import TINY_SHAPE, tiny_model
 from zoo.multi_exit import ZOO
+from zoo.spatial import SPATIAL_ZOO, force_masks
 
 # Eager PyTorch on these small models is 100x slower with two OpenMP threads than with one when the two cores
 # are shared with other work (threads spin waiting for each other); references do not need the speed of two.
@@ -179,3 +183,18 @@ def cli_export(tmp_path_factory: pytest.TempPathFactory) -> CliExport:
     shape = "x".join(map(str, TINY_SHAPE))
     result = invoke(["export", model_path, "-o", package, "--input-shape", shape])
     return CliExport(result=result, model=model, model_path=model_path, package=package, root=root)
+
+
+@pytest.fixture(scope="session")
+def plugins_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LasNet's masked bottlenecks lowered as `dync::` gather/scatter nodes (`--ops plugins`)."""
+    factory, shape = SPATIAL_ZOO["lasnet_cifar"]
+    torch.manual_seed(0)
+    model = factory()
+    force_masks(model, 0.4, per_sample=True)
+    out = tmp_path_factory.mktemp("plugins") / "lasnet_plugins.dync"
+    with warnings.catch_warnings():  # the stride-2 blocks stay dense, as tests/exporter/test_spatial_pass.py checks
+        warnings.simplefilter("ignore", SpatialLoweringWarning)
+        package = Path(dync.export(model, out, input_shape=shape, spatial_crossover=1.0, ops="plugins"))
+    assert load_manifest(package).custom_ops, "the plugin form wrote no dync:: op"
+    return package

@@ -12,7 +12,7 @@ import numpy as np
 from dync.errors import InputError
 from dync.inputs import Inputs, batch_of, random_inputs
 from dync.package import Manifest, TensorSpec, at_precision, default_precision, live_state, load_manifest
-from dync.runtime.backends import Backend, make_backend
+from dync.runtime.backends import BACKEND_FORMS, Backend, make_backend
 from dync.runtime.exit_rule import ExitCriteria, resolve_thresholds
 
 
@@ -65,12 +65,16 @@ class Engine:
     @classmethod
     def load(cls, package: str | Path, backend: str = "ort", precision: str | None = None,
              **backend_options: Any) -> Engine:
-        """`precision` fp32, int8 or fp8; None runs what the package holds (`dync.package.default_precision`)."""
+        """`precision` fp32, int8 or fp8 (and fp16 on TensorRT); None runs what the package holds
+        (`dync.package.default_precision`)."""
         package_dir = Path(package)
         stored = load_manifest(package_dir)
         precision = precision or default_precision(stored)
-        manifest = at_precision(stored, precision)
-        return cls(package_dir, manifest, make_backend(backend, package_dir, manifest, **backend_options), precision)
+        if backend not in BACKEND_FORMS:
+            raise InputError(f"backend '{backend}' is not available; choose one of {sorted(BACKEND_FORMS)}.")
+        manifest = at_precision(stored, precision, form=BACKEND_FORMS[backend])
+        return cls(package_dir, manifest, make_backend(backend, package_dir, manifest, precision, **backend_options),
+                   precision)
 
     @property
     def profile_name(self) -> str:

@@ -49,16 +49,27 @@ class Backend(Protocol):
         ...
 
 
-def _ort(package_dir: Path, manifest: Manifest, **options: Any) -> Backend:
+def _ort(package_dir: Path, manifest: Manifest, precision: str, **options: Any) -> Backend:
     from dync.runtime.backends.ort import OrtBackend
 
     return OrtBackend(package_dir, manifest, **options)
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"ort": _ort}
+def _trt(package_dir: Path, manifest: Manifest, precision: str, **options: Any) -> Backend:
+    from dync.runtime.backends.trt import TrtBackend
+
+    return TrtBackend(package_dir, manifest, precision, **options)
 
 
-def make_backend(name: str, package_dir: Path, manifest: Manifest, **options: Any) -> Backend:
+BACKENDS: dict[str, Callable[..., Backend]] = {"ort": _ort, "trt": _trt}
+"""Each makes a backend from the package directory, its manifest at one precision (in the backend's form,
+`BACKEND_FORMS`), that precision's name, and the backend's own options."""
+BACKEND_FORMS = {"ort": "cpu", "trt": "trt"}
+"""Which graphs of a quantized stage a backend runs (`dync.package.at_precision`)."""
+
+
+def make_backend(name: str, package_dir: Path, manifest: Manifest, precision: str = "fp32", **options: Any
+                 ) -> Backend:
     if name not in BACKENDS:
         raise InputError(f"backend '{name}' is not available; choose one of {sorted(BACKENDS)}.")
-    return BACKENDS[name](package_dir, manifest, **options)
+    return BACKENDS[name](package_dir, manifest, precision, **options)

@@ -1,0 +1,47 @@
+"""What the stages are linted for: the TensorRT version a build targets, the build's precision, its plugin mode.
+
+`dync build` hands TensorRT each stage in a form that depends on all three (`dync.build.forms`): `dync::`
+nodes kept as AOT plugins or decomposed, the float32 stage converted to fp16, or the Q/DQ stage `dync quantize`
+wrote. The lint checks that form, so it resolves the three the way the build does (`dync.build.targets`).
+Without a version the lint keeps its original behaviour: the facts' own TensorRT, dync ops with a TensorRT face
+kept as plugins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dync.build.targets import BUILD_PRECISIONS, MIN_TENSORRT, PLUGIN_MODES, TensorRTVersion, plugin_mode
+from dync.errors import InputError
+
+
+@dataclass(frozen=True)
+class LintTarget:
+    """The TensorRT (None: none named), the precision (None: the stages as the package holds them) and the
+    plugin mode (aot or decomposed) a lint checks the stages for."""
+
+    tensorrt: TensorRTVersion | None = None
+    precision: str | None = None
+    plugins: str = "aot"
+
+    @property
+    def supported(self) -> bool:
+        """Whether dync builds for this TensorRT at all (no version named counts as yes)."""
+        return self.tensorrt is None or self.tensorrt.major_minor >= MIN_TENSORRT
+
+
+def lint_target(tensorrt_version: str | None = None, precision: str | None = None,
+                plugins: str | None = None) -> LintTarget:
+    """The target as `dync build` would resolve it; an unknown precision or plugin mode, a version string that
+    is not one, or aot plugins asked of a TensorRT without them is an InputError, as it is for the build."""
+    if precision is not None and precision not in BUILD_PRECISIONS:
+        raise InputError(f"precision '{precision}' is unknown; choose one of {', '.join(BUILD_PRECISIONS)}.")
+    if plugins is not None and plugins not in PLUGIN_MODES:
+        raise InputError(f"plugin mode '{plugins}' is unknown; choose one of {', '.join(PLUGIN_MODES)}.")
+    if tensorrt_version is None:
+        return LintTarget(None, precision, plugins or "aot")
+    version = TensorRTVersion.parse(tensorrt_version)
+    target = LintTarget(version, precision, plugins or "decomposed")
+    if not target.supported:  # linted as one error (`dync.lint.versions.unsupported_version`), not refused here
+        return target
+    return LintTarget(version, precision, plugin_mode(version, plugins))

@@ -5,12 +5,13 @@ Every user-facing failure is a `DyncError` and is printed as one line without a 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,19 +80,64 @@ def _parse_paths(_ctx: click.Context, _param: click.Parameter, value: str | None
     return None if value is None else [path.strip() for path in value.split(",")]
 
 
-def _session_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The onnxruntime session options `run`, `bench` and `profile` share, passed on to `dync.load`."""
-    command = click.option("--fixed-batches", default=8, show_default=True,
-                           help="Batch sizes per stage that get a fixed-shape onnxruntime session (0: none).")(command)
-    return click.option("--threads", default=0, show_default=True, type=click.IntRange(0, _threads_bound()),
-                        help="onnxruntime intra-op threads (0: one per core).")(command)
+@dataclass(frozen=True)
+class _BackendChoice:
+    """The backend `run`, `bench`, `calibrate` and `profile` load a package on, with that backend's options."""
+
+    backend: str
+    threads: int
+    fixed_batches: int
+    providers: list[str] | None
+    engine_batch: str | None
+
+    def load(self, package: Path, precision: str | None) -> Any:
+        import dync
+
+        if self.backend == "trt":
+            if self.providers:
+                raise InputError("--providers chooses onnxruntime's execution providers; it does not apply to "
+                                 "--backend trt, which runs TensorRT engines itself.")
+            return dync.load(package, backend="trt", precision=precision, batch=self.engine_batch,
+                             progress=_progress)
+        if self.engine_batch is not None:
+            raise InputError("--engine-batch is the TensorRT engines' batch range; use it with --backend trt.")
+        providers = {"providers": self.providers} if self.providers else {}
+        return dync.load(package, backend=self.backend, precision=precision, threads=self.threads,
+                         fixed_batches=self.fixed_batches, **providers)
+
+
+def _backend_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--backend` and its options, handed to the command as one `backend: _BackendChoice`."""
+
+    @functools.wraps(command)
+    def with_backend(*args: Any, backend: str, threads: int, fixed_batches: int, providers: str | None,
+                     engine_batch: str | None, **kwargs: Any) -> Any:
+        names = [p.strip() for p in providers.split(",")] if providers else None
+        return command(*args, backend=_BackendChoice(backend, threads, fixed_batches, names, engine_batch), **kwargs)
+
+    options = [
+        click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+                     help="onnxruntime, or TensorRT engines (built on first use; see dync build)."),
+        click.option("--threads", default=0, show_default=True, type=click.IntRange(0, _threads_bound()),
+                     help="onnxruntime intra-op threads (0: one per core)."),
+        click.option("--fixed-batches", default=8, show_default=True,
+                     help="Batch sizes per stage that get a fixed-shape onnxruntime session (0: none)."),
+        click.option("--providers", metavar="NAME,...",
+                     help="onnxruntime execution providers in order, e.g. TensorrtExecutionProvider,"
+                          "CUDAExecutionProvider (needs onnxruntime-gpu; default: the CPU)."),
+        click.option("--engine-batch", metavar="MIN:OPT:MAX",
+                     help="With --backend trt: the engines' batch range (default: what dync build used)."),
+    ]
+    for option in reversed(options):
+        with_backend = option(with_backend)
+    return with_backend
 
 
 def _precision_option(command: Callable[..., Any]) -> Callable[..., Any]:
     """`--precision` for the commands that run a package: the stages `dync quantize` wrote, or float32."""
-    return click.option("--precision", type=click.Choice(["fp32", "int8", "fp8"]),
+    return click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]),
                         help="Run the float32 stages or the quantized ones (default: what the package holds; "
-                             "see dync quantize).")(command)
+                             "see dync quantize); fp16: TensorRT engines only (--backend trt).")(command)
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -200,18 +246,30 @@ def _print_summary(package: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--target", type=click.Choice(["trt"]),
               help="Also lint the stages for a deployment target (trt: TensorRT's ONNX parser); status 1 on errors.")
-@_precision_option
-def inspect(package: Path, as_json: bool, target: str | None, precision: str | None) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]),
+              help="With --target: lint the stages dync build makes at this precision (fp16: converted from the "
+                   "float32 stages; int8, fp8: see dync quantize; default: what the package holds).")
+@click.option("--tensorrt", "tensorrt_version", metavar="VERSION",
+              help="With --target trt: lint for this TensorRT version (10.3, 10.9, 11.4, ...): its documented "
+                   "opsets and plugin support (default: the operator matrix's own, 10.0).")
+@click.option("--plugins", type=click.Choice(["aot", "decomposed"]),
+              help="With --target trt: keep dync's ops as AOT plugins or lint their decompositions (default: aot "
+                   "on TensorRT 10.9 or later, else decomposed).")
+def inspect(package: Path, as_json: bool, target: str | None, precision: str | None, tensorrt_version: str | None,
+            plugins: str | None) -> None:
     """Show a package's stages, exits, costs and thresholds (and, with --target, what the target cannot run)."""
     from dync.describe import describe, format_description
     from dync.package import load_manifest
 
+    if target is None and (tensorrt_version is not None or plugins is not None):
+        raise InputError("--tensorrt and --plugins say what --target trt lints; add --target trt.")
     manifest = load_manifest(package)
     report = None
     if target is not None:
         from dync.lint import format_lint, lint_package
 
-        report = lint_package(package, target=target, precision=precision)
+        report = lint_package(package, target=target, precision=precision, tensorrt_version=tensorrt_version,
+                              plugins=plugins)
     if as_json:
         description = describe(manifest)
         if report is not None:
@@ -231,17 +289,15 @@ def inspect(package: Path, as_json: bool, target: str | None, precision: str | N
               help="A .npy batch shaped like the package input, or an .npz of arrays keyed by input name.")
 @click.option("--thresholds", callback=_parse_floats, help="Exit thresholds t0,t1,... (default: the package's).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help=".npz file for logits and exit.")
-@_session_options
+@_backend_options
 @_precision_option
-def run(package: Path, input_path: Path, thresholds: list[float] | None, output: Path, threads: int,
-        fixed_batches: int, precision: str | None) -> None:
+def run(package: Path, input_path: Path, thresholds: list[float] | None, output: Path, backend: _BackendChoice,
+        precision: str | None) -> None:
     """Run PACKAGE on a batch with per-sample early exit; write `logits` and `exit` to OUTPUT (with exits of
     different per-sample shapes: `exit`, and `exitK` with its mask `exitK_taken` per exit K)."""
-    import dync
-
     if not output.parent.is_dir():
         raise InputError(f"the directory of -o {output} does not exist; create it or choose another path.")
-    engine = dync.load(package, precision=precision, threads=threads, fixed_batches=fixed_batches)
+    engine = backend.load(package, precision)
     result = engine.run(_load_inputs(input_path), thresholds=thresholds)
     with open(output, "wb") as file:  # a file object: numpy would add .npz to a name without it
         np.savez(file, **result.arrays())
@@ -291,18 +347,20 @@ def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol
               help="Timed calls of each variant; medians are reported.")
 @click.option("--profile", "with_profile", is_flag=True,
               help="Also print where dync's run spends its time: per stage and per op type (onnxruntime's profiler).")
-@_session_options
+@_backend_options
 @_precision_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[float] | None, repeats: int,
-          with_profile: bool, threads: int, fixed_batches: int, precision: str | None, as_json: bool) -> None:
+          with_profile: bool, backend: _BackendChoice, precision: str | None, as_json: bool) -> None:
     """Measure PACKAGE against its static full model, side by side under the same session options."""
-    import dync
     from dync.bench import bench as run_bench
     from dync.bench import format_report, format_time_shares, time_shares
     from dync.inputs import batch_of
 
-    engine = dync.load(package, precision=precision, threads=threads, fixed_batches=fixed_batches)
+    if with_profile and backend.backend != "ort":
+        raise InputError("bench --profile reads onnxruntime's profiler; use it with --backend ort (for TensorRT's "
+                         "layer times, run trtexec --dumpProfile on the engines).")
+    engine = backend.load(package, precision)
     x = _load_inputs(input_path) if input_path else engine.example_input(batch)
     _progress(f"timing {repeats} calls of each variant, in alternating blocks, at batch "
               f"{batch_of(engine.input_feeds(x))}")
@@ -310,8 +368,8 @@ def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[f
     shares = None
     if with_profile:
         _progress("profiling dync's run with onnxruntime's profiler")
-        shares = time_shares(package, x, report.thresholds, precision=engine.precision, threads=threads,
-                             fixed_batches=fixed_batches)
+        shares = time_shares(package, x, report.thresholds, precision=engine.precision, threads=backend.threads,
+                             fixed_batches=backend.fixed_batches)
     if as_json:
         click.echo(json.dumps({**report.to_json(), **({"time_shares": asdict(shares)} if shares else {})}, indent=2))
     else:
@@ -331,11 +389,12 @@ def bench(package: Path, batch: int, input_path: Path | None, thresholds: list[f
 @click.option("--batch-size", default=64, show_default=True, help="Deployment batch size for latency prediction.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the accuracy/cost curve and exit histogram to this image (e.g. calib.png).")
+@_backend_options
 @_precision_option
 def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: float | None, metric: str,
-              budget_ms: float | None, batch_size: int, plot_path: Path | None, precision: str | None) -> None:
+              budget_ms: float | None, batch_size: int, plot_path: Path | None, backend: _BackendChoice,
+              precision: str | None) -> None:
     """Choose exit thresholds for a budget and store them in PACKAGE (used by run and bench)."""
-    import dync
     from dync.calib.calibrate import BudgetRequest, calibrate_package, format_calibration
     from dync.inputs import batch_of
 
@@ -343,7 +402,7 @@ def calibrate(package: Path, data_path: Path, labels_path: Path | None, budget: 
         raise InputError(f"the directory of --plot {plot_path} does not exist; create it or choose another path.")
     if plot_path is not None:  # before calibrating, which stores thresholds: fail before changing the package
         require("matplotlib", "plot", "dync calibrate --plot")
-    engine = dync.load(package, precision=precision)
+    engine = backend.load(package, precision)
     labels = _load_array(labels_path) if labels_path else None
     request = BudgetRequest(metric=metric, budget=budget, budget_ms=budget_ms, batch_size=batch_size)
     data = _load_inputs(data_path)
@@ -389,20 +448,18 @@ def quantize(package: Path, data_path: Path, labels_path: Path | None, quant_for
 
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
 @click.option("--batch-sizes", callback=_parse_sizes, default="1,2,4,8,16,32,64,128,256", show_default=True,
               help="Batch sizes to measure each stage at.")
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(1),
               help="Timed rounds per batch size; medians are kept.")
-@_session_options
+@_backend_options
 @_precision_option
-def profile(package: Path, backend: str, batch_sizes: list[int], repeats: int, threads: int,
-            fixed_batches: int, precision: str | None) -> None:
+def profile(package: Path, batch_sizes: list[int], repeats: int, backend: _BackendChoice,
+            precision: str | None) -> None:
     """Measure every stage's latency across batch sizes on this machine and store it in PACKAGE."""
-    import dync
     from dync.calib.profile import profile_stages, save_profile
 
-    engine = dync.load(package, backend=backend, precision=precision, threads=threads, fixed_batches=fixed_batches)
+    engine = backend.load(package, precision)
     path = save_profile(package, profile_stages(engine, batch_sizes, repeats=repeats, progress=_progress))
     click.echo(f"wrote {path}")
 
@@ -418,3 +475,60 @@ def demo(output: Path | None, plot: Path) -> None:
     from dync.demo import run_demo
 
     run_demo(output, plot, echo=click.echo, progress=_progress)
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["trt", "jetson"]), required=True,
+              help="trt: engines for this machine's GPU, in PACKAGE/engines/; jetson: a bundle that builds them on "
+                   "the device with trtexec.")
+@click.option("--batch", default="1:64:256", show_default=True, metavar="MIN:OPT:MAX",
+              help="Batch range of the engines; later stages are tuned at OPT x the share of samples reaching them.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]),
+              help="fp16 converts the float32 stages; int8/fp8 use dync quantize's TensorRT form (default: what "
+                   "the package holds).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="TensorRT timing cache to read and extend (default: PACKAGE/engines/timing.cache).")
+@click.option("--plugins", type=click.Choice(["aot", "decomposed"]),
+              help="dync:: ops as tensorrt.plugin plugins (TensorRT >= 10.9, the default there) or as standard ONNX.")
+@click.option("--jetpack", help="With --target jetson: the device's JetPack release, e.g. 6.2.")
+@click.option("--device", type=click.Choice(["orin", "thor"]), default="orin", show_default=True,
+              help="With --target jetson: the Jetson module.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="With --target jetson: the bundle directory.")
+def build(package: Path, target: str, batch: str, precision: str | None, timing_cache: Path | None,
+          plugins: str | None, jetpack: str | None, device: str, output: Path | None) -> None:
+    """Build PACKAGE's TensorRT engines, one per stage, or write a Jetson bundle that builds them on the device."""
+    from dync.build.profiles import BatchRange
+    from dync.package import default_precision, load_manifest
+
+    batch_range = BatchRange.parse(batch)
+    precision = precision or default_precision(load_manifest(package))
+    if target == "jetson":
+        _write_jetson_bundle(package, output, jetpack, device, precision, batch_range, timing_cache, plugins)
+        return
+    if jetpack is not None or output is not None:
+        raise InputError("--jetpack and -o describe a Jetson bundle; use them with --target jetson.")
+    require("polygraphy", "build", "dync build")
+    from dync.build import EngineOptions, build_engines, format_builds
+
+    options = EngineOptions(batch=batch_range, precision=precision, plugins=plugins, timing_cache=timing_cache)
+    click.echo(format_builds(build_engines(package, options, progress=_progress)))
+
+
+def _write_jetson_bundle(package: Path, output: Path | None, jetpack: str | None, device: str, precision: str,
+                         batch: Any, timing_cache: Path | None, plugins: str | None) -> None:
+    if output is None or jetpack is None:
+        raise InputError("--target jetson writes a bundle: give the device's release with --jetpack (e.g. 6.2) "
+                         "and the bundle directory with -o.")
+    if timing_cache is not None or plugins is not None:
+        raise InputError("--timing-cache and --plugins apply to --target trt; a Jetson bundle builds with the "
+                         "JetPack's TensorRT, which fixes the plugin mode.")
+    require("polygraphy", "build", "dync build --target jetson")
+    from dync.build.jetson import write_bundle
+
+    record = write_bundle(package, output, jetpack=jetpack, device=device, precision=precision, batch=batch,
+                          progress=_progress)
+    click.echo(f"wrote {output}: {len(record.stages)} stages for JetPack {record.jetpack} on {record.device} "
+               f"(TensorRT {record.tensorrt}, {record.precision}, plugins {record.plugins}); copy it to the device "
+               "and run bash build.sh there")
+

@@ -187,3 +187,15 @@ def build_engines(package_dir: Path, options: EngineOptions, progress: Callable[
         done.append((record, source))
     write_build_defaults(package_dir, options)
     return done
+
+
+def format_builds(done: list[tuple[BuildRecord, str]]) -> str:
+    """The table `dync build` prints: per stage its engine key, where it came from, build time and size."""
+    lines = ["| stage | engine (engines/KEY) | precision | batch | from | build s | MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for record, source in done:
+        key = record.key
+        lines.append(f"| {key.stage} | {record.digest} | {key.precision} | {key.profile['batch']} | {source} | "
+                     f"{record.seconds:.1f} | {record.engine_bytes / 2**20:.1f} |")
+    return "\n".join(lines)
+

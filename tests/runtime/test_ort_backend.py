@@ -3,6 +3,8 @@ static full model; and the sessions the timing module gives candidates."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -117,3 +119,28 @@ def test_if_branches_are_optimized_as_models_of_their_own_and_compute_the_same()
     for flag in (True, False):
         feeds = {"x": x, "flag": np.array(flag)}
         assert_close(optimized.run(None, feeds)[0], plain.run(None, feeds)[0], what=f"branch {flag}")
+
+
+def test_a_provider_onnxruntime_lacks_is_refused_naming_onnxruntime_gpu() -> None:
+    with pytest.raises(InputError, match="pip install onnxruntime-gpu"):
+        OrtSettings(providers=("CUDAExecutionProvider",))
+
+
+def test_the_tensorrt_provider_caches_engines_per_graph_weights_included(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    """onnxruntime's own TensorRT cache key leaves weights out: dync gives each graph's bytes a directory."""
+    import onnxruntime
+
+    from dync.runtime.backends.ort import ENGINE_CACHE, _for_providers
+
+    providers = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(providers))
+    settings = OrtSettings(**_for_providers(tmp_path, {"providers": providers}))
+    assert not settings.one_graph and not settings.on_cpu_only
+    assert settings.engine_cache == str(tmp_path / ENGINE_CACHE)
+    first, second = settings.provider_list(b"graph, weights 1"), settings.provider_list(b"graph, weights 2")
+    assert first[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    name, options = first[0]
+    assert name == "TensorrtExecutionProvider" and options["trt_engine_cache_enable"] == "True"
+    assert options["trt_engine_cache_path"] != second[0][1]["trt_engine_cache_path"]
+    assert Path(options["trt_engine_cache_path"]).parent == tmp_path / ENGINE_CACHE

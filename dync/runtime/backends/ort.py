@@ -17,6 +17,7 @@ session in the process that keeps its own threads (its default), so a library ca
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -50,6 +51,11 @@ ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pyb
               ort.capi.onnxruntime_pybind11_state.InvalidProtobuf)
 """What onnxruntime raises when a graph cannot be loaded or run on the inputs it is given."""
 
+CPU = "CPUExecutionProvider"
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+ENGINE_CACHE = "engines/ort-tensorrt"
+"""Where, inside a package, onnxruntime's TensorRT provider caches engines."""
+
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -67,8 +73,19 @@ class OrtSettings:
     fixed_batches: int = 8
     one_graph: bool = True
     profile_dir: str | None = None
+    providers: tuple[str, ...] = (CPU,)
+    """onnxruntime execution providers in order of preference (`CUDAExecutionProvider`,
+    `TensorrtExecutionProvider` need onnxruntime-gpu)."""
+    engine_cache: str | None = None
+    """Where the TensorRT provider caches its engines, one directory per graph (the package's engines/)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "providers", tuple(self.providers))
+        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        if missing:
+            raise InputError(f"onnxruntime {ort.__version__} here has no {', '.join(missing)} (it has "
+                             f"{', '.join(ort.get_available_providers())}); the CUDA and TensorRT providers come with "
+                             "pip install onnxruntime-gpu in place of onnxruntime.")
         if self.optimization not in OPTIMIZATION_LEVELS:
             raise InputError(
                 f"onnxruntime optimization level '{self.optimization}' is unknown; "
@@ -98,8 +115,26 @@ class OrtSettings:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         return options
 
+    @property
+    def on_cpu_only(self) -> bool:
+        """Whether every provider is the CPU's: dync's CPU-specific graph rewrites (NCHWc branches, the one-graph
+        executor's optimized stages) apply only then."""
+        return self.providers == (CPU,)
+
+    def provider_list(self, source: bytes) -> list[str | tuple[str, dict[str, str]]]:
+        """The providers for one graph; the TensorRT provider caches its engines in a directory named by the
+        graph's SHA-256, weights included (its own cache key leaves weights out, so a retrained model of the
+        same architecture would reuse a stale engine)."""
+        if TENSORRT_PROVIDER not in self.providers:
+            return list(self.providers)
+        assert self.engine_cache is not None, "the TensorRT provider needs an engine cache directory"
+        directory = Path(self.engine_cache) / hashlib.sha256(source).hexdigest()[:40]
+        options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(directory),
+                   "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(self.engine_cache)}
+        return [(p, options) if p == TENSORRT_PROVIDER else p for p in self.providers]
+
     def describe(self) -> dict[str, Any]:
-        return {**asdict(self), "intra_op_threads": self.intra_op_threads, "provider": "CPUExecutionProvider"}
+        return {**asdict(self), "intra_op_threads": self.intra_op_threads, "provider": ",".join(self.providers)}
 
 
 _session_numbers = itertools.count()
@@ -113,11 +148,11 @@ def session_from_onnx(model: onnx.ModelProto | str | Path, settings: OrtSettings
     A file is handed to onnxruntime as bytes, never as a path, so that a stage cannot make it read files
     outside the package through external-data references; a file onnxruntime refuses is a PackageError."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else Path(model).read_bytes()
-    if optimize_branches and settings.optimization == "all":
+    if optimize_branches and settings.optimization == "all" and settings.on_cpu_only:
         source = _with_optimized_branches(source, settings)
     try:
         return ort.InferenceSession(source, settings.session_options(spinning, label),
-                                    providers=["CPUExecutionProvider"])
+                                    providers=settings.provider_list(source))
     except ORT_ERRORS as exc:
         if isinstance(model, onnx.ModelProto):
             raise
@@ -287,6 +322,15 @@ def with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     return fixed
 
 
+def _for_providers(package_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """GPU providers run the stages stage by stage (the one-graph executor's stages are optimized for the CPU),
+    and the TensorRT provider caches its engines in the package."""
+    providers = tuple(settings.get("providers", (CPU,)))
+    if providers == (CPU,):
+        return settings
+    return {"engine_cache": str(package_dir / ENGINE_CACHE), **settings, "one_graph": False}
+
+
 class OrtBackend:
     """The `Backend` on onnxruntime's CPU provider: one `StageSession` per stage, and one for the static full model."""
 
@@ -298,7 +342,7 @@ class OrtBackend:
             raise InputError(
                 f"onnxruntime backend options {unknown} are unknown; use {sorted(OrtSettings.__dataclass_fields__)}."
             )
-        self.settings = OrtSettings(**settings)
+        self.settings = OrtSettings(**_for_providers(Path(package_dir), settings))
         self._package_dir = Path(package_dir)
         self._manifest = manifest
         alone = len(manifest.stages) == 1

@@ -37,8 +37,8 @@ import torch
 import dync
 from dync.calib.calibrate import BudgetRequest, calibrate_package
 from dync.calib.quantize import QuantizeRequest, quantize_package
-from dync.calib.quantize.forms import WEIGHTED_OPS
 from dync.demo import load_example
+from dync.layers import WEIGHTED_OPS
 from dync.plugins.splice import specialize_custom_nodes
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx, with_batch
 from dync.runtime.engine import Engine

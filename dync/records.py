@@ -239,7 +239,7 @@ class QuantizedStageRecord:
     """Op types left in float because quantizing them at least doubled the stage's output error
     (`dync.calib.quantize.selection`)."""
     float_decisions: list[str] = field(default_factory=list)
-    """The layers a decision is made on (a spatial masker, a token scorer: `dync.calib.quantize.DECISION_OPS`),
+    """The layers a decision is made on (a spatial masker, a token scorer: `dync.layers.DECISION_OPS`),
     kept in float: rounding them flips discrete decisions."""
     branch_ranges: dict[str, str] = field(default_factory=dict)
     """The ranges of each `If` branch (a spatial block's dense and gather-scatter forms), calibrated and

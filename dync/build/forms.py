@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import onnx
 
+from dync.layers import decision_layers
 from dync.plugins.op_registry import DOMAIN, registry
 from dync.plugins.splice import custom_nodes, decompose_custom_nodes
 
@@ -28,7 +29,7 @@ def plugins_kept(model: onnx.ModelProto, mode: str) -> set[str]:
 
 def stage_for_tensorrt(model: onnx.ModelProto, *, plugins: str, precision: str) -> onnx.ModelProto:
     """The stage TensorRT parses: `dync::` nodes without a kept plugin replaced by their portable decomposition;
-    at fp16, converted with its decision layers (`dync.calib.quantize.decision_layers`) kept in float32."""
+    at fp16, converted with its decision layers (`dync.layers.decision_layers`) kept in float32."""
     used = {node.op_type for node in custom_nodes(model)}
     decomposed = used - plugins_kept(model, plugins)
     if decomposed:
@@ -41,8 +42,6 @@ def stage_for_tensorrt(model: onnx.ModelProto, *, plugins: str, precision: str) 
 def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxruntime's float16 converter, keeping I/O float32, decision layers and plugin ops that take no fp16."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    from dync.calib.quantize import decision_layers
 
     no_fp16 = [op.name for op in registry() if "float16" not in op.dtypes]
     kept = [n.name for n in model.graph.node if n.domain == DOMAIN and n.op_type in no_fp16]

@@ -23,10 +23,11 @@ from torch import Tensor, nn
 
 import dync
 from dync.calib.calibrate import BudgetRequest, calibrate_package
-from dync.calib.quantize import QuantizeRequest, exit_head, format_quantization, quantize_package
+from dync.calib.quantize import QuantizeRequest, format_quantization, quantize_package
 from dync.calib.quantize.forms import fp8_casts
 from dync.calib.quantize.selection import MEASURE_BATCH, CpuChoice, choose_cpu_form
 from dync.errors import InputError, QuantizationError
+from dync.layers import exit_head
 from dync.lint import ERROR, RESTRICTION, lint_model, lint_package, load_operator_facts
 from dync.package import MANIFEST_FILE, load_manifest, write_manifest
 from dync.plugins.op_registry import DOMAIN, registry

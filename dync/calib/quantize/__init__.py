@@ -33,7 +33,6 @@ from dync.calib.budget import flops_cost, simulate_exits
 from dync.calib.calibrate import BudgetRequest, calibrate_package, check_labels, exit_outputs
 from dync.calib.quantize.forms import (
     CPU_OP_TYPES,
-    WEIGHTED_OPS,
     cpu_int8,
     fp8_casts,
     fp8_qdq,
@@ -50,6 +49,7 @@ from dync.calib.quantize.selection import (
 )
 from dync.errors import InputError, ProfileError, QuantizationError
 from dync.inputs import Inputs, batch_of
+from dync.layers import decision_layers, exit_head
 from dync.package import Manifest, StageSpec, file_record, load_manifest, write_manifest
 from dync.records import QuantizationRecord, QuantizedStageRecord, RecalibrationRecord
 from dync.runtime.backends.ort import OrtSettings, StageSession
@@ -230,53 +230,6 @@ def _own_names(quantized: onnx.ModelProto, original: onnx.ModelProto, prefix: st
     static full model merges stages by name)."""
     prefix_made_names(quantized.graph, original.graph, prefix)
     return quantized
-
-
-DECISION_OPS = frozenset({"Greater", "GreaterOrEqual", "Less", "LessOrEqual", "TopK", "ArgMax", "ArgMin"})
-"""Ops whose output is a discrete decision (a spatial mask, the tokens kept, a dispatch): the layer computing
-their input stays float, since rounding it flips decisions, which changes what is computed, not by how much."""
-
-
-def exit_head(model: onnx.ModelProto, output: str) -> list[str]:
-    """The exit's classifier: the nodes from the last weighted op (Conv, Gemm, MatMul with a weight) on the
-    way back from the exit output up to it, that op included. Empty when the exit has no such layer."""
-    return _BackToWeighted(model)([output])
-
-
-def decision_layers(model: onnx.ModelProto) -> list[str]:
-    """The nodes from each decision op (`DECISION_OPS`) back to the weighted layers that compute its inputs."""
-    walk = _BackToWeighted(model)
-    found: list[str] = []
-    for node in model.graph.node:
-        if node.op_type in DECISION_OPS:
-            found += [name for name in walk(list(node.input)) if name not in found]
-    return found
-
-
-class _BackToWeighted:
-    """Walks a graph back from tensors to the first weighted op on each path (its producers and weights
-    indexed once, for every walk)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self._producers = {out: node for node in model.graph.node for out in node.output}
-        self._weights = {t.name for t in model.graph.initializer}
-
-    def __call__(self, tensors: list[str]) -> list[str]:
-        """The nodes on the way back from `tensors`, the weighted ops met included; empty when no path meets
-        one."""
-        visited: list[str] = []
-        found = False
-        frontier = list(tensors)
-        while frontier:
-            node = self._producers.get(frontier.pop())
-            if node is None or node.name in visited:
-                continue
-            visited.append(node.name)
-            if node.op_type in WEIGHTED_OPS and any(name in self._weights for name in node.input[1:]):
-                found = True
-                continue
-            frontier += list(node.input)
-        return visited if found else []
 
 
 def _run_everyone(model: onnx.ModelProto, stage: StageSpec, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dync.calib.quantize.ranges import METHODS, StageRanges
+from dync.layers import WEIGHTED_OPS
 from dync.runtime.branches import all_graphs, all_nodes, transform_branches
 
 CPU_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "MaxPool", "AveragePool",
@@ -33,9 +34,8 @@ CPU_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat
                 "Squeeze", "Unsqueeze", "Split", "Slice", "Pad")
 """What the CPU form quantizes; onnxruntime runs each in int8 (LayerNorm and Softmax stay float: their int8
 forms are slower here and lose accuracy)."""
-TRT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+TRT_OP_TYPES = tuple(sorted(WEIGHTED_OPS))
 """TensorRT's explicit-quantization placement: Q/DQ at the inputs of the weighted ops; it fuses the rest."""
-WEIGHTED_OPS = frozenset(TRT_OP_TYPES)
 INT8_AMAX = 127.0
 FP8_AMAX = 448.0
 """The largest magnitudes of symmetric int8 and of float8 e4m3fn: scale = amax / these."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from dync.calib.quantize.forms import WEIGHTED_OPS
+from dync.layers import WEIGHTED_OPS
 from dync.runtime.backends.ort import OrtSettings, session_from_onnx, with_batch
 from dync.timing import median_times
 

@@ -18,16 +18,19 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.shape_inference import InferenceError
 
 import dync
-from dync.errors import DyncError, LintError, PackageError
+from dync.errors import DyncError, InputError, LintError, PackageError
 from dync.lint import (
     CHECK_BY_HAND,
     CUSTOM_OP,
     DYNC_PLUGIN,
     ERROR,
+    FP32_LAYERS,
     NOTE,
     OPSET,
+    PLUGINS_DECOMPOSED,
     RESTRICTION,
     RULES,
+    TENSORRT_VERSION,
     TYPE,
     UNKNOWN_OP,
     UNSUPPORTED_OP,
@@ -40,6 +43,8 @@ from dync.lint import (
 )
 from dync.package import load_manifest
 from dync.plugins.op_registry import Face, OpRecord, OpRegistry
+from dync.plugins.op_registry import registry as REAL_REGISTRY
+from tests.conftest import invoke
 from tests.helpers import rehash
 from zoo.multi_exit import SingleExitNet
 
@@ -80,7 +85,8 @@ PRIVATE_OPS = OpRegistry([
 @pytest.fixture(autouse=True)
 def private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """`registry()` gives PRIVATE_OPS wherever the lint and the splicing look it up."""
-    for module in ("dync.plugins.op_registry", "dync.plugins.splice", "dync.lint.custom_ops"):
+    for module in ("dync.plugins.op_registry", "dync.plugins.splice", "dync.lint.custom_ops", "dync.lint.forms",
+                   "dync.build.forms"):
         monkeypatch.setattr(importlib.import_module(module), "registry", lambda: PRIVATE_OPS)
 
 
@@ -595,3 +601,154 @@ def test_empty_report_formats() -> None:
     report = LintReport(package="p", target="trt", tensorrt_version="10.0", opset_range=(9, 20))
     assert report.ok and report.counts == {ERROR: 0, NOTE: 0}
     assert "no findings" in format_lint(report)
+
+
+# --------------------------------------------------------------------------- #
+# The build's TensorRT version, precision and plugin mode
+# --------------------------------------------------------------------------- #
+
+
+def _with_trt_plugin(package: Path, tmp_path: Path) -> Path:
+    """A copy of `package` whose first stage also runs dync::TrtRelu, an op with a TensorRT plugin."""
+    return _with_nodes(package, tmp_path, lambda first: [
+        helper.make_node("TrtRelu", [first], ["trt_out"], name="trt", domain="dync", plugin_version="1",
+                         plugin_namespace="dync"),
+    ], outputs=[helper.make_tensor_value_info("trt_out", F32, None)])
+
+
+def test_tensorrt_10_9_keeps_plugins_and_10_3_decomposes_them(package: Path, tmp_path: Path) -> None:
+    """10.9 has AOT plugins: the node is the usual plugin note. 10.3 has none: the build decomposes the op, so
+    its decomposition is linted (clean: a Relu) and the stage gets one note saying why."""
+    copy = _with_trt_plugin(package, tmp_path)
+    aot = lint_package(copy, tensorrt_version="10.9")
+    assert (aot.tensorrt_version, aot.plugins, aot.facts_version) == ("10.9", "aot", "10.0")
+    assert [(f.code, f.node) for f in aot.findings] == [(DYNC_PLUGIN, "trt")]
+
+    old = lint_package(copy, tensorrt_version="10.3")
+    assert (old.tensorrt_version, old.plugins, old.ok) == ("10.3", "decomposed", True)
+    (note,) = old.findings
+    assert (note.severity, note.code, note.op) == (NOTE, PLUGINS_DECOMPOSED, "dync::TrtRelu")
+    assert "TensorRT 10.3 has no tensorrt.plugin AOT plugins (10.9 or later)" in note.message
+    assert note.message.endswith(".") and note.message.count(";") == 1
+    header = format_lint(old).splitlines()[0]
+    assert header.startswith("TensorRT 10.3 ONNX parser lint of")
+    assert "(fp32, plugins decomposed, opsets 9-20, operator matrix of TensorRT 10.0)" in header
+
+
+def test_plugins_decomposed_on_request_and_aot_refused_before_10_9(package: Path, tmp_path: Path) -> None:
+    copy = _with_trt_plugin(package, tmp_path)
+    (note,) = lint_package(copy, tensorrt_version="10.9", plugins="decomposed").findings
+    assert note.code == PLUGINS_DECOMPOSED and "--plugins decomposed asks for that" in note.message
+    with pytest.raises(InputError, match=r"TensorRT 10\.3 has no tensorrt\.plugin AOT implementations"):
+        lint_package(copy, tensorrt_version="10.3", plugins="aot")
+
+
+def test_dync_plugin_package_linted_for_10_3_and_10_9(plugins_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real `--ops plugins` export, with dync's own registry: 10.9 keeps the plugin nodes (one note each),
+    10.3 lints them as standard ONNX, with one note for the stage."""
+    for module in ("dync.plugins.op_registry", "dync.plugins.splice", "dync.lint.custom_ops", "dync.lint.forms",
+                   "dync.build.forms"):
+        monkeypatch.setattr(importlib.import_module(module), "registry", REAL_REGISTRY)
+    aot = lint_package(plugins_package, tensorrt_version="10.9")
+    assert aot.ok and aot.plugins == "aot"
+    plugin_notes = [f for f in aot.findings if f.code == DYNC_PLUGIN]
+    assert plugin_notes and all(f.op.startswith("dync::") for f in plugin_notes)
+    old = lint_package(plugins_package, tensorrt_version="10.3")
+    assert old.ok and old.plugins == "decomposed"
+    assert not [f for f in old.findings if f.code == DYNC_PLUGIN]
+    stages = {s.name for s in load_manifest(plugins_package).stages if s.name in {f.stage for f in plugin_notes}}
+    assert sorted(f.stage for f in old.findings if f.code == PLUGINS_DECOMPOSED) == sorted(stages)
+
+
+def test_fp16_lint_of_a_stock_package_reports_its_precision(package: Path) -> None:
+    report = lint_package(package, precision="fp16")
+    assert report.ok and report.counts == {ERROR: 0, NOTE: 0}, format_lint(report)
+    assert report.precision == "fp16" and report.to_json()["precision"] == "fp16"
+    assert "(fp16, plugins aot, opsets 9-20)" in format_lint(report)
+    assert lint_package(package).precision == "fp32"  # what the package holds
+
+
+def _decision_graph() -> Graph:
+    """A Gemm feeding an ArgMax (a decision: dync's fp16 conversion keeps it float32) beside a MatMul that
+    converts."""
+    return Graph(
+        [helper.make_node("Gemm", ["x", "w"], ["logits"], name="head"),
+         helper.make_node("ArgMax", ["logits"], ["choice"], name="pick", axis=1),
+         helper.make_node("MatMul", ["x", "w"], ["features"], name="body")],
+        {"x": (F32, [2, 4])}, initializers={"w": np.ones((4, 3), np.float32)},
+        output_types={"choice": I64, "features": F32},
+    )
+
+
+def test_fp16_heavy_layers_kept_float32_are_one_note(facts) -> None:
+    found = lint_model(_decision_graph().model(), facts, stage="s0", precision="fp16")
+    assert [(f.severity, f.code, f.node, f.op) for f in found] == [(NOTE, FP32_LAYERS, "head", "Gemm")]
+    assert "strongly typed engine runs them in fp32" in found[0].message
+    assert found[0].message.endswith(".") and found[0].message.count(";") == 1
+    assert lint_model(_decision_graph().model(), facts, stage="s0") == []  # fp32: nothing to say
+
+
+@pytest.mark.parametrize("version", ["9.3", "8.6.1.6"])
+def test_tensorrt_older_than_dync_supports_is_one_error(package: Path, facts, version: str) -> None:
+    report = lint_package(package, tensorrt_version=version)
+    (finding,) = report.findings
+    assert (finding.severity, finding.code, report.ok) == (ERROR, TENSORRT_VERSION, False)
+    assert f"TensorRT {version} is older than dync supports (10.3 or later" in finding.message
+    assert finding.message.endswith(".") and finding.message.count(";") == 1
+    assert report.tensorrt_version == version and report.to_json()["tensorrt_version"] == version
+    assert lint_model(Graph([node("Relu", ["x"])], image()).model(), facts, tensorrt_version=version) == [finding]
+
+
+def test_bad_version_precision_or_plugin_mode_is_an_input_error(package: Path) -> None:
+    for kwargs, words in [({"tensorrt_version": "ten"}, "'ten' is not a TensorRT version"),
+                          ({"precision": "fp4"}, "precision 'fp4' is unknown"),
+                          ({"plugins": "jit"}, "plugin mode 'jit' is unknown")]:
+        with pytest.raises(InputError, match=words):
+            lint_package(package, **kwargs)
+
+
+@pytest.mark.parametrize(("version", "opset", "expected"), [
+    ("10.3", 20, []),
+    ("10.3", 22, [(NOTE, OPSET)]),  # between 10.0's documented 20 and 10.15's 24: confirm by hand
+    ("10.3", 25, [(ERROR, OPSET)]),  # above what even 10.15 reads
+    ("10.15", 24, []),
+    ("11.4", 25, [(NOTE, OPSET)]),
+    ("11.5", 25, []),
+    ("11.5", 26, [(NOTE, OPSET)]),  # past the newest documented release
+    ("10.9", 8, [(ERROR, OPSET)]),
+])
+def test_opsets_per_tensorrt_version(facts, version: str, opset: int, expected: list[tuple[str, str]]) -> None:
+    found = lint_model(Graph([node("Relu", ["x"])], image(), opset=opset).model(), facts, stage="s0",
+                       tensorrt_version=version)
+    assert codes(found) == expected, [f.message for f in found]
+    for finding in found:
+        assert finding.message.endswith(".") and finding.message.count(";") == 1
+
+
+def test_cli_inspect_for_tensorrt_10_3_at_fp16(package: Path) -> None:
+    result = invoke(["inspect", package, "--target", "trt", "--tensorrt", "10.3", "--precision", "fp16", "--json"])
+    assert result.exit_code == 0, result.output
+    lint = json.loads(result.stdout)["lint"]
+    assert {k: lint[k] for k in ("target", "tensorrt_version", "precision", "plugins", "facts_version",
+                                 "opset_range", "ok")} == {
+        "target": "trt", "tensorrt_version": "10.3", "precision": "fp16", "plugins": "decomposed",
+        "facts_version": "10.0", "opset_range": [9, 20], "ok": True}
+    text = invoke(["inspect", package, "--target", "trt", "--tensorrt", "10.3", "--precision", "fp16"])
+    assert "TensorRT 10.3 ONNX parser lint of" in text.output and "(fp16, plugins decomposed" in text.output
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--tensorrt", "10.3"], "add --target trt"),
+    (["--target", "trt", "--tensorrt", "10.3", "--plugins", "aot"], "no tensorrt.plugin AOT implementations"),
+    (["--target", "trt", "--tensorrt", "9.3"], "older than dync supports"),
+])
+def test_cli_inspect_tensorrt_errors(package: Path, args: list[str], words: str) -> None:
+    result = invoke(["inspect", package, *args])
+    assert result.exit_code == 1 and words in result.output, result.output
+
+
+def test_unknown_dync_op_is_still_an_error_in_the_fp16_form(facts) -> None:
+    """The build refuses a dync op the registry does not know; the lint reports it and converts the rest."""
+    graph = Graph([node("Relu", ["x"], ["r"]), _dync_node("NoSuchOp", ["r"])], image(), output_types={"y": F32})
+    found = lint_model(graph.model(), facts, precision="fp16", tensorrt_version="10.9")
+    assert [(f.severity, f.code, f.op) for f in found] == [(ERROR, CUSTOM_OP, "dync::NoSuchOp")]

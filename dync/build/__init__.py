@@ -30,6 +30,7 @@ from dync.records import CalibrationRecord
 
 BUILD_DEFAULTS = "defaults.json"
 """`engines/defaults.json`: the batch range and plugin mode of the last build per precision."""
+LAST_BUILT = "last"
 STATIC = "static"
 """The name the static full model's engine (the baseline `bench` runs) is cached under."""
 
@@ -151,16 +152,31 @@ def write_build_defaults(package_dir: Path, options: EngineOptions) -> None:
     path = EngineCache(package_dir).root / BUILD_DEFAULTS
     defaults = _read_defaults(path)
     defaults[options.precision] = {"batch": str(options.batch), "plugins": options.plugins}
+    defaults[LAST_BUILT] = options.precision
     write_atomically(path, json.dumps(defaults, indent=2) + "\n")
 
 
 def build_defaults(package_dir: Path, precision: str) -> EngineOptions:
-    """The options of the last `dync build` at `precision`, or the defaults."""
+    """The options of the last `dync build` at `precision`, else those of the Jetson bundle the package is, else
+    the defaults."""
     saved = _read_defaults(EngineCache(package_dir).root / BUILD_DEFAULTS).get(precision)
-    if not isinstance(saved, dict):
-        return EngineOptions(precision=precision)
-    return EngineOptions(batch=BatchRange.parse(str(saved.get("batch", DEFAULT_BATCH))), precision=precision,
-                         plugins=saved.get("plugins"))
+    if isinstance(saved, dict):
+        return EngineOptions(batch=BatchRange.parse(str(saved.get("batch", DEFAULT_BATCH))), precision=precision,
+                             plugins=saved.get("plugins"))
+    bundle = read_bundle(package_dir)
+    if bundle is not None and bundle.precision == precision and bundle.stages:
+        return EngineOptions(batch=BatchRange.parse(str(bundle.stages[0].profile["batch"])), precision=precision,
+                             plugins=bundle.plugins)
+    return EngineOptions(precision=precision)
+
+
+def last_built_precision(package_dir: Path) -> str | None:
+    """The precision of the last `dync build` of the package, or of the bundle it is; None when neither."""
+    last = _read_defaults(EngineCache(package_dir).root / BUILD_DEFAULTS).get(LAST_BUILT)
+    if isinstance(last, str):
+        return last
+    bundle = read_bundle(package_dir)
+    return bundle.precision if bundle is not None else None
 
 
 def _read_defaults(path: Path) -> dict:

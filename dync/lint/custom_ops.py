@@ -2,8 +2,9 @@
 
 TensorRT's parser imports a custom-domain node only through a plugin registered under the node's op name. For a
 `dync::` op the registry says whether dync ships that plugin (the op's TensorRT face). With one, the node is
-fine and gets a note naming the plugin. Without one, TensorRT runs the op's portable decomposition, so
-`decompose_portable_ops` splices that in before the scan and the lint checks what TensorRT will actually see.
+fine and gets a note naming the plugin. Without one (or when the build decomposes every plugin op, for a
+TensorRT older than 10.9), TensorRT runs the op's portable decomposition, so `dync.lint.forms` splices that in
+before the scan and the lint checks what TensorRT will actually see.
 Any other custom op, including a `dync::` name the registry does not know, is an error: nothing provides its
 plugin.
 """
@@ -11,31 +12,11 @@ plugin.
 from __future__ import annotations
 
 import onnx
-from onnx_graphsurgeon.util.exception import OnnxGraphSurgeonException
 
-from dync.errors import LintError, PluginError
-from dync.lint.report import CUSTOM_OP, DYNC_PLUGIN, ERROR, NOTE, Finding, subject
+from dync.errors import PluginError
+from dync.lint.report import CUSTOM_OP, DYNC_PLUGIN, ERROR, NOTE, Finding
 from dync.lint.rules import NodeContext
 from dync.plugins.op_registry import DOMAIN, OpRecord, registry
-from dync.plugins.splice import custom_nodes, decompose_custom_nodes
-
-
-def decompose_portable_ops(model: onnx.ModelProto, stage: str) -> onnx.ModelProto:
-    """`model` with every top-level `dync::` node whose op has no TensorRT face replaced by the op's portable
-    decomposition (named `<node>/...`), which is what TensorRT runs; a model without `dync::` nodes is returned
-    as is, without building the registry."""
-    used = {node.op_type for node in custom_nodes(model)}
-    if not used:
-        return model
-    ops = registry()
-    portable = used & (set(ops.names()) - set(ops.with_face("tensorrt")))
-    try:
-        return decompose_custom_nodes(model, ops=portable)
-    except OnnxGraphSurgeonException as exc:  # graphsurgeon re-exports only graphs whose inputs and outputs are typed
-        raise LintError(
-            f"{subject(stage)} cannot have its dync ops {', '.join(sorted(portable))} replaced by their portable "
-            f"decompositions ({exc}); give every graph input and output an element type."
-        ) from exc
 
 
 def custom_op_finding(ctx: NodeContext) -> Finding:

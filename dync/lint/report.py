@@ -22,6 +22,9 @@ TYPE = "type"
 OPSET = "opset"
 RESTRICTION = "restriction"  # a restriction checked by a rule (error or note)
 CHECK_BY_HAND = "check-by-hand"  # restriction text no rule checks
+TENSORRT_VERSION = "tensorrt-version"  # a TensorRT older than dync builds for (an error)
+PLUGINS_DECOMPOSED = "plugins-decomposed"  # a stage's dync plugin ops run as their decompositions (a note)
+FP32_LAYERS = "fp32-layers"  # heavy layers an fp16 build still runs in fp32 (a note)
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,18 @@ class Finding:
 
 @dataclass
 class LintReport:
-    """All findings of one package against one target's facts."""
+    """All findings of one package against one target: the TensorRT version linted for (the facts' own when
+    none was named), the build precision (None: the stages as held) and plugin mode, and the version whose
+    operator matrix the ops were checked against."""
 
     package: str
     target: str
     tensorrt_version: str
     opset_range: tuple[int, int]
     findings: list[Finding] = field(default_factory=list)
+    precision: str | None = None
+    plugins: str = "aot"
+    facts_version: str = ""
 
     @property
     def counts(self) -> dict[str, int]:
@@ -68,6 +76,9 @@ class LintReport:
             "package": self.package,
             "target": self.target,
             "tensorrt_version": self.tensorrt_version,
+            "precision": self.precision,
+            "plugins": self.plugins,
+            "facts_version": self.facts_version or self.tensorrt_version,
             "opset_range": list(self.opset_range),
             "ok": self.ok,
             "counts": self.counts,
@@ -90,12 +101,21 @@ def subject(stage: str) -> str:
     return f"stage '{stage}'" if stage else "the model"
 
 
+def _linted(report: LintReport) -> str:
+    """What the header says was linted: precision, plugin mode, opsets, and the matrix when it is another
+    version's."""
+    lo, hi = report.opset_range
+    parts = [report.precision or "stages as held", f"plugins {report.plugins}", f"opsets {lo}-{hi}"]
+    if report.facts_version and report.facts_version != report.tensorrt_version:
+        parts.append(f"operator matrix of TensorRT {report.facts_version}")
+    return ", ".join(parts)
+
+
 def format_lint(report: LintReport) -> str:
     """A readable summary line, the plugin list, and a Markdown table of findings."""
     counts = report.counts
-    lo, hi = report.opset_range
     lines = [
-        f"TensorRT {report.tensorrt_version} ONNX parser lint of {report.package} (opsets {lo}-{hi}): "
+        f"TensorRT {report.tensorrt_version} ONNX parser lint of {report.package} ({_linted(report)}): "
         f"{counts[ERROR]} error(s), {counts[NOTE]} note(s)",
         f"ops needing a plugin: {', '.join(report.plugin_ops) or 'none'}",
     ]

@@ -1,7 +1,8 @@
 """Linting whole models and packages: walk every node (subgraphs too), check the opset, gather the notes.
 
-A model is scanned as TensorRT would see it: `dync::` ops without a TensorRT face are first replaced by their
-portable decomposition, then shape inference types the intermediate tensors the checks look at.
+A model is scanned as TensorRT would see it: in the form `dync build` hands TensorRT for the lint's target
+(`dync.lint.forms`: `dync::` ops kept as plugins or replaced by their portable decomposition, fp16 converted),
+then shape inference types the intermediate tensors the checks look at.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from onnx.shape_inference import InferenceError
 from dync.errors import LintError, PackageError
 from dync.graph import DEFAULT_DOMAINS
 from dync.lint.checks import check_node
-from dync.lint.custom_ops import decompose_portable_ops
 from dync.lint.facts import OperatorFacts, load_operator_facts
+from dync.lint.forms import fp32_layers_note, plugins_decomposed_note, tensorrt_form
 from dync.lint.report import CHECK_BY_HAND, ERROR, NOTE, OPSET, Finding, LintReport, subject
 from dync.lint.rules import RULES, NodeContext, _Scope
-from dync.package import StageSpec, at_precision, load_manifest
+from dync.lint.target import LintTarget, lint_target
+from dync.lint.versions import check_opset_for, opset_range, unsupported_version
+from dync.package import StageSpec, at_precision, default_precision, load_manifest
 
 TARGETS = ("trt",)
 
@@ -45,7 +48,10 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def _check_opset(model: onnx.ModelProto, facts: OperatorFacts, stage: str) -> list[Finding]:
+def _check_opset(model: onnx.ModelProto, facts: OperatorFacts, target: LintTarget, stage: str) -> list[Finding]:
+    """Against the named TensorRT's documented opsets (`dync.lint.versions`), else against the facts' range."""
+    if target.tensorrt is not None:
+        return check_opset_for(model, target.tensorrt, stage)
     versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
     return [
         Finding(stage, "", "", ERROR,
@@ -56,14 +62,16 @@ def _check_opset(model: onnx.ModelProto, facts: OperatorFacts, stage: str) -> li
     ]
 
 
-def _scan(model: onnx.ModelProto, facts: OperatorFacts, stage: str) -> tuple[list[Finding], list[NodeContext]]:
-    """Errors and rule findings of one model, plus its default-domain nodes (for the once-per-op notes)."""
-    model = _infer(decompose_portable_ops(model, stage))
-    findings = _check_opset(model, facts, stage)
+def _scan(model: onnx.ModelProto, facts: OperatorFacts, stage: str, target: LintTarget
+          ) -> tuple[list[Finding], list[NodeContext]]:
+    """Errors and rule findings of one model in its TensorRT form, plus that form's default-domain nodes (for the
+    once-per-op and once-per-stage notes)."""
+    form = _infer(tensorrt_form(model, target, stage))
+    findings = _check_opset(form, facts, target, stage) + plugins_decomposed_note(model, target, stage)
     scope = _Scope()
-    scope.add_graph(model.graph)
+    scope.add_graph(form.graph)
     nodes = []
-    for ctx in _walk(model.graph, scope, stage):
+    for ctx in _walk(form.graph, scope, stage):
         findings += check_node(ctx, facts)
         if ctx.node.domain in DEFAULT_DOMAINS:
             nodes.append(ctx)
@@ -89,35 +97,62 @@ def _restriction_notes(nodes: list[NodeContext], facts: OperatorFacts) -> list[F
     return notes
 
 
-def lint_model(model: onnx.ModelProto, facts: OperatorFacts | None = None, stage: str = "") -> list[Finding]:
-    """Every finding for one ONNX model (errors, rule findings, and unchecked restrictions once per op)."""
+def _notes(nodes: list[NodeContext], facts: OperatorFacts, target: LintTarget) -> list[Finding]:
+    """The notes gathered over all nodes: unchecked restrictions once per op, fp32 layers once per stage."""
+    return _restriction_notes(nodes, facts) + fp32_layers_note(nodes, target)
+
+
+def lint_model(model: onnx.ModelProto, facts: OperatorFacts | None = None, stage: str = "", *,
+               tensorrt_version: str | None = None, precision: str | None = None,
+               plugins: str | None = None) -> list[Finding]:
+    """Every finding for one ONNX model (errors, rule findings, and notes), in the form `dync build` hands
+    TensorRT `tensorrt_version` at `precision` with `plugins` (see `lint_package`)."""
     facts = facts or load_operator_facts()
-    findings, nodes = _scan(model, facts, stage)
-    return findings + _restriction_notes(nodes, facts)
+    target = lint_target(tensorrt_version, precision, plugins)
+    if not target.supported:
+        return unsupported_version(target)
+    findings, nodes = _scan(model, facts, stage, target)
+    return findings + _notes(nodes, facts, target)
 
 
 def lint_package(package_dir: str | Path, target: str = "trt", facts: OperatorFacts | None = None,
-                 precision: str | None = None) -> LintReport:
+                 precision: str | None = None, tensorrt_version: str | None = None,
+                 plugins: str | None = None) -> LintReport:
     """Lint every stage of a package for `target` (only "trt", TensorRT's ONNX parser, for now), in the
-    graphs TensorRT would build at `precision` (None: what the package holds; int8 and fp8 are the TensorRT
-    form `dync quantize` writes)."""
+    graphs `dync build` would hand TensorRT: at `precision` (None: what the package holds; fp16 is converted
+    from the float32 stages, int8 and fp8 are the TensorRT form `dync quantize` writes), for TensorRT
+    `tensorrt_version` ("10.3", "10.9.0.34"; None: the facts' version, with dync ops that have a TensorRT
+    plugin kept as such) with `plugins` (aot or decomposed; None: what the build picks for that version).
+    A TensorRT older than dync builds for is one error, and no stage is linted."""
     if target not in TARGETS:
         raise LintError(f"unknown lint target '{target}'; use one of: {', '.join(TARGETS)}.")
     package_dir = Path(package_dir)
-    manifest = at_precision(load_manifest(package_dir), precision, form="trt")
+    stored = load_manifest(package_dir)
+    build = lint_target(tensorrt_version, precision or default_precision(stored), plugins)
     facts = facts or load_operator_facts()
-    findings: list[Finding] = []
+    findings: list[Finding] = unsupported_version(build)
     nodes: list[NodeContext] = []
-    for stage in manifest.stages:
-        stage_findings, stage_nodes = _scan(_load_stage(package_dir, stage), facts, stage.name)
-        findings += stage_findings
-        nodes += stage_nodes
+    if build.supported:
+        for stage in at_precision(stored, build.precision, form="trt").stages:
+            stage_findings, stage_nodes = _scan(_load_stage(package_dir, stage), facts, stage.name, build)
+            findings += stage_findings
+            nodes += stage_nodes
+    return _report(package_dir, target, facts, build, findings + _notes(nodes, facts, build))
+
+
+def _report(package_dir: Path, target: str, facts: OperatorFacts, build: LintTarget,
+            findings: list[Finding]) -> LintReport:
+    version = build.tensorrt
+    named = version is not None and build.supported
     return LintReport(
         package=str(package_dir),
         target=target,
-        tensorrt_version=facts.tensorrt_version,
-        opset_range=(facts.opset_min, facts.opset_max),
-        findings=findings + _restriction_notes(nodes, facts),
+        tensorrt_version=facts.tensorrt_version if version is None else str(version),
+        opset_range=opset_range(version) if named else (facts.opset_min, facts.opset_max),
+        findings=findings,
+        precision=build.precision,
+        plugins=build.plugins,
+        facts_version=facts.tensorrt_version,
     )
 
 

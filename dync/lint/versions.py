@@ -19,14 +19,11 @@ OPSET_MIN = 9
 """The oldest opset the parser reads: "Where possible, the parser is backward compatible to opset 9" (TensorRT
 documentation, ONNX Opset Guide), and "opset 9 to opset N" in every 10.x operators.md."""
 
-DOCUMENTED_OPSET_MAX: dict[tuple[int, int], int] = {
-    (10, 0): 20,  # onnx-tensorrt docs/operators.md (10.0 GA and 10.1 GA): "TensorRT 10.0 supports operators in the
-    #              inclusive range of opset 9 to opset 20"
-    (10, 15): 24,  # onnx-tensorrt docs/operators.md (10.15 GA): "TensorRT 10.15 supports operators in the
-    #               inclusive range of opset 9 to opset 24"
-    (11, 5): 25,  # TensorRT 11.5 release notes (github.com/NVIDIA/TensorRT/releases/tag/v11.5, Parsers): "Added
-    #              support for ONNX opset 25"
-}
+# Sources: (10, 0) onnx-tensorrt docs/operators.md, release 10.0 GA and 10.1 GA: "TensorRT 10.0 supports operators
+# in the inclusive range of opset 9 to opset 20"; (10, 15) the same file for 10.15 GA: "... opset 9 to opset 24";
+# (11, 5) TensorRT 11.5 release notes (github.com/NVIDIA/TensorRT/releases/tag/v11.5, Parsers): "Added support for
+# ONNX opset 25".
+DOCUMENTED_OPSET_MAX: dict[tuple[int, int], int] = {(10, 0): 20, (10, 15): 24, (11, 5): 25}
 """The newest opset the parser reads, for the releases whose documentation states it. A release between two of
 them reads at least the earlier one's opsets and, since opset support only grows, no more than the later one's:
 an opset in between is a note to confirm, one above the later one an error."""

@@ -66,9 +66,13 @@ class Engine:
     def load(cls, package: str | Path, backend: str = "ort", precision: str | None = None,
              **backend_options: Any) -> Engine:
         """`precision` fp32, int8 or fp8 (and fp16 on TensorRT); None runs what the package holds
-        (`dync.package.default_precision`)."""
+        (`dync.package.default_precision`), or on TensorRT what was last built (`dync build`, a Jetson bundle)."""
         package_dir = Path(package)
         stored = load_manifest(package_dir)
+        if precision is None and backend == "trt":  # engines exist at the precision they were built in
+            from dync.build import last_built_precision
+
+            precision = last_built_precision(package_dir)
         precision = precision or default_precision(stored)
         if backend not in BACKEND_FORMS:
             raise InputError(f"backend '{backend}' is not available; choose one of {sorted(BACKEND_FORMS)}.")

@@ -164,3 +164,45 @@ def test_plugin_nodes_stay_plugins_from_tensorrt_10_9_and_are_decomposed_below(p
     want = dync.load(package).run(x.astype(np.float32))
     np.testing.assert_array_equal(got.exit, want.exit)
     np.testing.assert_allclose(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+
+
+def _bundle_as_built_by_build_sh(package: Path, bundle: Path, precision: str, batch: str) -> list[str]:
+    """A Jetson bundle whose build.sh ran: each stage's engine file written where bundle.json says (here the
+    stand-in's plan of the tensorrt/ graph, not a TensorRT engine)."""
+    from dync.build.bundle_record import read_bundle
+    from dync.build.jetson import write_bundle
+
+    write_bundle(package, bundle, jetpack="6.2", device="orin", precision=precision, batch=BatchRange.parse(batch),
+                 progress=lambda _m: None)
+    record = read_bundle(bundle)
+    for entry in record.stages:
+        model = onnx.load(bundle / entry.onnx)
+        (bundle / entry.engine).write_bytes(STAND_IN_PLAN + hashlib.sha256(model.SerializeToString()).hexdigest()
+                                            .encode())
+    return [entry.stage for entry in record.stages]
+
+
+def test_a_jetson_bundle_runs_the_engines_build_sh_wrote(tiny: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    _bundle_as_built_by_build_sh(tiny, bundle, "fp16", "1:4:8")
+    stand_in = OnnxruntimeStandIn("10.3.0.30")
+    engine = dync.load(bundle, backend="trt", toolchain=stand_in.toolchain)  # precision and batch from the bundle
+    assert stand_in.builds == [], "the engines build.sh wrote were built again"
+    assert engine.precision == "fp16" and engine.backend.describe()["batch"] == "1:4:8"
+    x = _batch(12, seed=4)
+    want = dync.load(tiny).run(x, thresholds=[2.0, 2.0])
+    got = engine.run(x, thresholds=[2.0, 2.0])
+    np.testing.assert_allclose(got.logits, want.logits, rtol=2e-2, atol=2e-2 * np.abs(want.logits).max())
+    records = [json.loads(p.read_text()) for p in (bundle / "engines").glob(f"*/{RECORD_FILE}")]
+    assert sorted(r["builder"] for r in records) == ["trtexec (build.sh)"] * len(engine.manifest.stages)
+
+
+def test_a_bundle_engine_made_from_another_stage_file_is_not_taken(tiny: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    stages = _bundle_as_built_by_build_sh(tiny, bundle, "fp32", "1:4:8")
+    record = json.loads((bundle / "bundle.json").read_text())
+    record["stages"][1]["source_sha256"] = "0" * 64  # as if the package had been retrained since
+    (bundle / "bundle.json").write_text(json.dumps(record))
+    stand_in = OnnxruntimeStandIn("10.3.0.30")
+    dync.load(bundle, backend="trt", toolchain=stand_in.toolchain)
+    assert stand_in.builds == [stages[1]]

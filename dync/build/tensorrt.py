@@ -12,7 +12,7 @@ TensorRT APIs used, and the pages they were written from:
   `EngineFromBytes`, `TrtRunner` (Polygraphy's API reference, polygraphy/backend/trt);
 - `tensorrt.plugin.register` / `aot_impl` through each op's `tensorrt` face (the `tensorrt.plugin` reference);
 - CUDA runtime `cudaGetDevice`, `cudaDeviceGetAttribute` (cudaDevAttrComputeCapabilityMajor = 75, Minor = 76)
-  and `cudaGetDeviceProperties` (whose first field is the device name), through Polygraphy's cudart wrapper.
+  and `cudaGetDeviceProperties_v2` (whose first field is the device name), through Polygraphy's cudart wrapper.
 """
 
 from __future__ import annotations
@@ -91,9 +91,17 @@ def identify_target() -> tuple[TensorRTVersion, Gpu]:
     cuda.wrapper().check(cudart.cudaDeviceGetAttribute(ctypes.byref(major), _COMPUTE_CAPABILITY_MAJOR, device))
     cuda.wrapper().check(cudart.cudaDeviceGetAttribute(ctypes.byref(minor), _COMPUTE_CAPABILITY_MINOR, device))
     properties = ctypes.create_string_buffer(4096)  # cudaDeviceProp is ~1 KiB; its first field is char name[256]
-    cuda.wrapper().check(cudart.cudaGetDeviceProperties(properties, device))
+    cuda.wrapper().check(_device_properties_call(cudart)(properties, device))
     name = properties.raw[:256].split(b"\0", 1)[0].decode(errors="replace")
     return TensorRTVersion.parse(tensorrt.__version__), Gpu(name, (major.value, minor.value))
+
+
+def _device_properties_call(cudart: ctypes.CDLL) -> Callable[..., int]:
+    """The symbol CUDA 12 and later headers map cudaGetDeviceProperties to (`_v2`), else the plain one."""
+    try:
+        return cudart.cudaGetDeviceProperties_v2
+    except AttributeError:
+        return cudart.cudaGetDeviceProperties
 
 
 def register_plugins(ops: set[str]) -> None:

@@ -30,6 +30,7 @@ from dync.build.keys import Gpu
 from dync.build.profiles import StageProfile
 from dync.build.targets import TensorRTVersion
 from dync.errors import InstallError
+from dync.extras import require
 from dync.plugins.op_registry import registry
 
 _COMPUTE_CAPABILITY_MAJOR = 75
@@ -70,18 +71,10 @@ def require_tensorrt() -> Any:
     return tensorrt
 
 
-def _require_polygraphy() -> None:
-    try:
-        import polygraphy  # noqa: F401
-    except ImportError:
-        raise InstallError("dync's TensorRT builds run through Polygraphy, which is not installed; install it "
-                           "with pip install \"dync[build]\".") from None
-
-
 def identify_target() -> tuple[TensorRTVersion, Gpu]:
     """This machine's TensorRT version and its current CUDA device."""
     tensorrt = require_tensorrt()
-    _require_polygraphy()
+    require("polygraphy", "build", "dync's TensorRT builds and backend")
     from polygraphy import cuda
 
     cudart = cuda.wrapper().handle
@@ -138,7 +131,7 @@ def engine_bytes_loader(model: onnx.ModelProto, profile: StageProfile, timing_ca
 
 def build_engine(model: onnx.ModelProto, profile: StageProfile, plugins: set[str], timing_cache: Path) -> bytes:
     require_tensorrt()
-    _require_polygraphy()
+    require("polygraphy", "build", "dync's TensorRT builds and backend")
     register_plugins(plugins)
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     return bytes(engine_bytes_loader(model, profile, timing_cache)())

@@ -8,7 +8,6 @@ import json
 import shlex
 import subprocess
 import sys
-import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 import dync
 from dync.build import tensorrt_manifest
@@ -24,13 +22,12 @@ from dync.build.bundle_record import BUNDLE_FILE, BundleRecord, read_bundle
 from dync.build.jetson import REFERENCE_RUNNER, TOLERANCES, write_bundle
 from dync.build.profiles import BatchRange, stage_profiles
 from dync.calib.quantize import QuantizeRequest, quantize_package
-from dync.errors import DyncError, ExportError, InputError, InstallError, SpatialLoweringWarning
+from dync.errors import DyncError, ExportError, InputError, InstallError
 from dync.package import MANIFEST_FILE, file_record, load_manifest
 from dync.plugins.op_registry import DOMAIN
 from dync.plugins.splice import decompose_custom_nodes
 from tests.conftest import CliExport, invoke
 from tests.helpers import copy_package
-from zoo.spatial import SPATIAL_ZOO, force_masks
 
 BATCH = BatchRange.parse("1:8:32")
 SHAPE_FLAGS = ("--minShapes", "--optShapes", "--maxShapes")
@@ -61,21 +58,6 @@ def tiny_bundle(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "tensorrt", None)
         return bundle(tiny, tmp_path_factory.mktemp("jetson") / "tiny.bundle")
-
-
-@pytest.fixture(scope="module")
-def plugins_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """LasNet's masked bottlenecks as `dync::` GatherPatches / ScatterAddPatches nodes (`ops="plugins"`)."""
-    factory, shape = SPATIAL_ZOO["lasnet_cifar"]
-    torch.manual_seed(0)
-    model = factory()
-    force_masks(model, 0.4, per_sample=True)
-    out = tmp_path_factory.mktemp("jetson_plugins") / "lasnet_plugins.dync"
-    with warnings.catch_warnings():  # the stride-2 blocks stay dense, as tests/exporter/test_spatial_pass.py checks
-        warnings.simplefilter("ignore", SpatialLoweringWarning)
-        package = Path(dync.export(model, out, input_shape=shape, spatial_crossover=1.0, ops="plugins"))
-    assert load_manifest(package).custom_ops, "the plugin form wrote no dync:: op"
-    return package
 
 
 @pytest.fixture(scope="module")

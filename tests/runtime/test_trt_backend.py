@@ -206,3 +206,17 @@ def test_a_bundle_engine_made_from_another_stage_file_is_not_taken(tiny: Path, t
     stand_in = OnnxruntimeStandIn("10.3.0.30")
     dync.load(bundle, backend="trt", toolchain=stand_in.toolchain)
     assert stand_in.builds == [stages[1]]
+
+
+def test_profile_and_latency_calibration_run_on_the_trt_backend(tiny: Path) -> None:
+    """A latency profile measured through the TensorRT backend is stored under its name ("trt" or "trt-fp16")
+    and is what `calibrate --metric latency` on that backend reads."""
+    from dync.calib.calibrate import BudgetRequest, calibrate_package
+    from dync.calib.profile import load_profile, profile_stages, save_profile
+
+    engine = dync.load(tiny, backend="trt", toolchain=OnnxruntimeStandIn().toolchain)
+    save_profile(tiny, profile_stages(engine, batch_sizes=[1, 4], repeats=1))
+    assert engine.profile_name == "trt" and load_profile(tiny, engine.profile_name) is not None
+    result = calibrate_package(engine, _batch(32, seed=5), BudgetRequest(metric="latency", budget=0.6, batch_size=4))
+    assert len(result.chosen.thresholds) == engine.num_exits - 1
+    assert dync.load(tiny).manifest.thresholds is not None

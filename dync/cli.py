@@ -258,6 +258,7 @@ def _print_summary(package: Path) -> None:
 def inspect(package: Path, as_json: bool, target: str | None, precision: str | None, tensorrt_version: str | None,
             plugins: str | None) -> None:
     """Show a package's stages, exits, costs and thresholds (and, with --target, what the target cannot run)."""
+    from dync.build.cache import EngineCache
     from dync.describe import describe, format_description
     from dync.package import load_manifest
 
@@ -270,13 +271,14 @@ def inspect(package: Path, as_json: bool, target: str | None, precision: str | N
 
         report = lint_package(package, target=target, precision=precision, tensorrt_version=tensorrt_version,
                               plugins=plugins)
+    engines = EngineCache(package).records()
     if as_json:
-        description = describe(manifest)
+        description = describe(manifest, engines)
         if report is not None:
             description["lint"] = report.to_json()
         click.echo(json.dumps(description, indent=2))
     else:
-        click.echo(format_description(manifest))
+        click.echo(format_description(manifest, engines))
         if report is not None:
             click.echo("\n" + format_lint(report))
     if report is not None and not report.ok:

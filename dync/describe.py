@@ -3,14 +3,17 @@ exporter's passes did; as JSON (`describe`) or as text (`format_description`), b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from dync.build.cache import BuildRecord
 from dync.package import Manifest
 from dync.records import PASS_RECORDS, QuantizationRecord, to_json
 
 
-def describe(manifest: Manifest) -> dict[str, Any]:
-    """A JSON-ready summary; `cumulative_flops` is multiply-accumulates per sample, the papers' convention."""
+def describe(manifest: Manifest, engines: Sequence[BuildRecord] = ()) -> dict[str, Any]:
+    """A JSON-ready summary; `cumulative_flops` is multiply-accumulates per sample, the papers' convention;
+    `engines`: the TensorRT engines built into the package (`dync.build.cache`)."""
     return {
         "name": manifest.name,
         "format_version": manifest.format_version,
@@ -49,6 +52,7 @@ def describe(manifest: Manifest) -> dict[str, Any]:
         "verification": to_json(manifest.verification),
         "quantization": to_json(manifest.quantization),
         "provenance": to_json(manifest.provenance),
+        "engines": to_json(list(engines)),
     }
 
 
@@ -57,7 +61,7 @@ def _fraction_of_full(manifest: Manifest, k: int) -> float:
     return manifest.exits[k].cumulative_macs / full if full else 1.0
 
 
-def format_description(manifest: Manifest) -> str:
+def format_description(manifest: Manifest, engines: Sequence[BuildRecord] = ()) -> str:
     inputs = ", ".join(f"{t.name} {t.dtype}{t.shape}" for t in manifest.inputs)
     lines = [f"package {manifest.name} (format {manifest.format_version}), input {inputs}", ""]
     lines += ["| exit | stage | nodes | MMACs | cumulative MMACs | of full | criterion | threshold | reads | writes |",
@@ -95,7 +99,15 @@ def format_description(manifest: Manifest) -> str:
         lines.append("verification: not run (dync verify PKG --model MODEL)")
     if manifest.quantization is not None:
         lines.append(_quantization_line(manifest.quantization))
+    lines += [_engine_line(record) for record in engines]
     return "\n".join(lines)
+
+
+def _engine_line(record: BuildRecord) -> str:
+    key = record.key
+    return (f"engine: stage {key.stage}, {key.precision}, batch {key.profile['batch']}, TensorRT {key.tensorrt} on "
+            f"{key.gpu} ({key.compute_capability}), plugins {key.plugins}, by {record.builder} "
+            f"(engines/{record.digest})")
 
 
 def _quantization_line(record: QuantizationRecord) -> str:

@@ -51,6 +51,16 @@ class EngineCache:
     def timing_cache(self) -> Path:
         return self.root / TIMING_CACHE
 
+    def records(self) -> list[BuildRecord]:
+        """Every complete entry, by stage and creation time (for `dync inspect`); unreadable ones are left out."""
+        found = []
+        for path in sorted(self.root.glob(f"*/{RECORD_FILE}")):
+            try:
+                found.append(from_json(BuildRecord, json.loads(path.read_text()), str(path)))
+            except (json.JSONDecodeError, RecordError, OSError):
+                continue
+        return sorted(found, key=lambda r: (r.key.stage, r.created))
+
     def record(self, key: EngineKey) -> BuildRecord | None:
         """The record of `key`'s engine, None when it was never built (or its build did not finish)."""
         path = self.directory(key) / RECORD_FILE

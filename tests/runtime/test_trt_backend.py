@@ -22,7 +22,7 @@ from dync.build.targets import TensorRTVersion
 from dync.build.tensorrt import Toolchain
 from dync.errors import InputError
 from dync.plugins.splice import decompose_custom_nodes
-from tests.conftest import CliExport
+from tests.conftest import CliExport, invoke
 from tests.helpers import copy_package
 from tests.models import TINY_SHAPE
 
@@ -98,6 +98,11 @@ def test_engines_are_cached_with_their_build_records(tiny: Path) -> None:
     again = OnnxruntimeStandIn()
     dync.load(tiny, backend="trt", toolchain=again.toolchain).run(_batch(4))
     assert again.builds == [], "a cached engine was built again"
+    shown = invoke(["inspect", tiny])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.count("engine: stage ") == len(done) and "TensorRT 10.9.0.34" in shown.output
+    listed = json.loads(invoke(["inspect", tiny, "--json"]).output)["engines"]
+    assert sorted(e["digest"] for e in listed) == sorted(r.digest for r, _ in done)
 
 
 def test_a_damaged_plan_is_rebuilt_not_run(tiny: Path) -> None:

@@ -163,9 +163,6 @@ def at_precision(manifest: Manifest, precision: str | None = None, form: str = "
     precision = precision or default_precision(manifest)
     if precision == "fp16" and form == "trt":
         return manifest  # TensorRT builds fp16 engines from the float32 stages (dync.build.forms)
-    if precision == "fp16":
-        raise InputError("fp16 runs on TensorRT engines only (dync build --precision fp16, then --backend trt); "
-                         f"onnxruntime runs {', '.join(PRECISIONS)}.")
     if precision not in PRECISIONS:
         raise InputError(f"precision '{precision}' is unknown; choose one of {', '.join(PRECISIONS)}.")
     assert form in FORMS, form

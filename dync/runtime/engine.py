@@ -12,7 +12,7 @@ import numpy as np
 from dync.errors import InputError
 from dync.inputs import Inputs, batch_of, random_inputs
 from dync.package import Manifest, TensorSpec, at_precision, default_precision, live_state, load_manifest
-from dync.runtime.backends import BACKEND_FORMS, Backend, make_backend
+from dync.runtime.backends import Backend, backend_form, make_backend
 from dync.runtime.exit_rule import ExitCriteria, resolve_thresholds
 
 
@@ -74,9 +74,10 @@ class Engine:
 
             precision = last_built_precision(package_dir)
         precision = precision or default_precision(stored)
-        if backend not in BACKEND_FORMS:
-            raise InputError(f"backend '{backend}' is not available; choose one of {sorted(BACKEND_FORMS)}.")
-        manifest = at_precision(stored, precision, form=BACKEND_FORMS[backend])
+        if precision == "fp16" and backend != "trt":
+            raise InputError("fp16 runs on TensorRT engines only (dync build --precision fp16, then --backend trt); "
+                             "onnxruntime runs fp32, int8 or fp8.")
+        manifest = at_precision(stored, precision, form=backend_form(backend, backend_options))
         return cls(package_dir, manifest, make_backend(backend, package_dir, manifest, precision, **backend_options),
                    precision)
 

@@ -144,3 +144,14 @@ def test_the_tensorrt_provider_caches_engines_per_graph_weights_included(monkeyp
     assert name == "TensorrtExecutionProvider" and options["trt_engine_cache_enable"] == "True"
     assert options["trt_engine_cache_path"] != second[0][1]["trt_engine_cache_path"]
     assert Path(options["trt_engine_cache_path"]).parent == tmp_path / ENGINE_CACHE
+
+
+def test_onnxruntime_s_tensorrt_provider_runs_the_tensorrt_form_of_quantized_stages() -> None:
+    from dync.runtime.backends import backend_form
+
+    assert backend_form("ort", {}) == "cpu"
+    assert backend_form("ort", {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}) == "cpu"
+    assert backend_form("ort", {"providers": ["TensorrtExecutionProvider", "CPUExecutionProvider"]}) == "trt"
+    assert backend_form("trt", {}) == "trt"
+    with pytest.raises(InputError, match="choose one of"):
+        backend_form("tvm", {})

@@ -68,6 +68,15 @@ BACKEND_FORMS = {"ort": "cpu", "trt": "trt"}
 """Which graphs of a quantized stage a backend runs (`dync.package.at_precision`)."""
 
 
+def backend_form(name: str, options: dict[str, Any]) -> str:
+    """The quantized form a backend runs with these options: onnxruntime's TensorRT provider takes TensorRT's
+    symmetric Q/DQ form, as TensorRT itself does."""
+    if name not in BACKEND_FORMS:
+        raise InputError(f"backend '{name}' is not available; choose one of {sorted(BACKENDS)}.")
+    providers = tuple(options.get("providers") or ())
+    return "trt" if providers[:1] == ("TensorrtExecutionProvider",) else BACKEND_FORMS[name]
+
+
 def make_backend(name: str, package_dir: Path, manifest: Manifest, precision: str = "fp32", **options: Any
                  ) -> Backend:
     if name not in BACKENDS:

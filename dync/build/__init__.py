@@ -13,7 +13,8 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import onnx
@@ -49,13 +50,18 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One engine to build or load: the stage as TensorRT parses it, its profile, plugins kept and cache key."""
+    """One engine to build or load: the stage, its profile, the plugins it keeps and its cache key; `model`, the
+    stage as TensorRT parses it, is made only when asked for (a build), not for an engine in the cache."""
 
     stage: str
-    model: onnx.ModelProto
+    source: onnx.ModelProto
     profile: StageProfile
     plugins: set[str]
     key: EngineKey
+
+    @cached_property
+    def model(self) -> onnx.ModelProto:
+        return stage_for_tensorrt(self.source, plugins=self.key.plugins, precision=self.key.precision)
 
 
 def tensorrt_manifest(package_dir: Path, precision: str) -> tuple[Manifest, CalibrationRecord | None]:
@@ -96,8 +102,6 @@ def plan_static(package_dir: Path, manifest: Manifest, options: EngineOptions, t
 
 def _as_one_stage(manifest: Manifest) -> Manifest:
     """A manifest whose one stage reads the package inputs, for the static model's profile."""
-    from dataclasses import replace
-
     first = replace(manifest.stages[0], name=STATIC, reads=[t.name for t in manifest.inputs])
     return replace(manifest, stages=[first])
 
@@ -105,10 +109,9 @@ def _as_one_stage(manifest: Manifest) -> Manifest:
 def _plan(name: str, model: onnx.ModelProto, sha256: str, profile: StageProfile, mode: str, options: EngineOptions,
           tensorrt: TensorRTVersion, gpu: Gpu) -> StagePlan:
     kept = plugins_kept(model, mode)
-    form = stage_for_tensorrt(model, plugins=mode, precision=options.precision)
     key = engine_key(sha256, profile, tensorrt=tensorrt, gpu=gpu, precision=options.precision, plugins=mode,
                      kept_plugins=kept)
-    return StagePlan(name, form, profile, kept, key)
+    return StagePlan(name, model, profile, kept, key)
 
 
 def engine_for(plan: StagePlan, package_dir: Path, toolchain: Toolchain, timing_cache: Path,

@@ -21,7 +21,7 @@ import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnx
@@ -32,6 +32,9 @@ from dync.build.targets import TensorRTVersion
 from dync.errors import InstallError
 from dync.extras import require
 from dync.plugins.op_registry import registry
+
+if TYPE_CHECKING:
+    from dync.build import StagePlan
 
 _COMPUTE_CAPABILITY_MAJOR = 75
 _COMPUTE_CAPABILITY_MINOR = 76
@@ -56,8 +59,8 @@ class Toolchain:
     identify: Callable[[], tuple[TensorRTVersion, Gpu]]
     build: Callable[[onnx.ModelProto, StageProfile, set[str], Path], bytes]
     """(stage as TensorRT parses it, its profile, the plugin ops it keeps, the timing cache) -> serialized engine."""
-    runner: Callable[[bytes, onnx.ModelProto], Runner]
-    """(serialized engine, the stage it was built from) -> a runner, not yet activated."""
+    runner: Callable[[bytes, StagePlan], Runner]
+    """(serialized engine, the plan it was built from) -> a runner, not yet activated."""
 
 
 def require_tensorrt() -> Any:
@@ -137,10 +140,10 @@ def build_engine(model: onnx.ModelProto, profile: StageProfile, plugins: set[str
     return bytes(engine_bytes_loader(model, profile, timing_cache)())
 
 
-def engine_runner(plan: bytes, _model: onnx.ModelProto) -> Runner:
+def engine_runner(plan_bytes: bytes, _plan: StagePlan) -> Runner:
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    return TrtRunner(EngineFromBytes(plan))
+    return TrtRunner(EngineFromBytes(plan_bytes))
 
 
 POLYGRAPHY_TENSORRT = Toolchain("tensorrt", identify_target, build_engine, engine_runner)

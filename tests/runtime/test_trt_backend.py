@@ -14,7 +14,7 @@ import pytest
 
 import dync
 from dync.bench import bench
-from dync.build import EngineOptions, build_engines, plan_engines
+from dync.build import EngineOptions, StagePlan, build_engines, plan_engines
 from dync.build.cache import ENGINE_FILE, RECORD_FILE, EngineCache
 from dync.build.keys import Gpu
 from dync.build.profiles import BatchRange
@@ -44,11 +44,11 @@ class OnnxruntimeStandIn:
         self.builds.append(profile.stage)
         return STAND_IN_PLAN + hashlib.sha256(model.SerializeToString()).hexdigest().encode()
 
-    def runner(self, plan: bytes, model: onnx.ModelProto):
+    def runner(self, plan_bytes: bytes, plan: StagePlan):
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-        assert plan.startswith(STAND_IN_PLAN), "the backend ran a plan its toolchain did not build"
-        return OnnxrtRunner(SessionFromOnnx(decompose_custom_nodes(model).SerializeToString()))
+        assert plan_bytes.startswith(STAND_IN_PLAN), "the backend ran a plan its toolchain did not build"
+        return OnnxrtRunner(SessionFromOnnx(decompose_custom_nodes(plan.model).SerializeToString()))
 
     @property
     def toolchain(self) -> Toolchain:

@@ -59,7 +59,7 @@ class TrtBackend:
     def _runner(self, plan: StagePlan) -> Runner:
         timing_cache = self.options.timing_cache or EngineCache(self._package_dir).timing_cache
         plan_bytes, _ = engine_for(plan, self._package_dir, self._toolchain, timing_cache, self._progress)
-        runner = self._toolchain.runner(plan_bytes, plan.model)
+        runner = self._toolchain.runner(plan_bytes, plan)
         runner.activate()
         return runner
 
@@ -101,6 +101,7 @@ class TrtBackend:
 
     def __del__(self) -> None:
         """Release the execution contexts and their device memory (Polygraphy warns about runners left active)."""
-        for runner in [*getattr(self, "_runners", {}).values(), *([self._static] if getattr(self, "_static", None)
-                                                                    else [])]:
+        runners = list(getattr(self, "_runners", {}).values())  # a constructor that failed has set none
+        static = getattr(self, "_static", None)
+        for runner in [*runners, *([static] if static is not None else [])]:
             runner.deactivate()

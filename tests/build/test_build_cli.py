@@ -62,3 +62,14 @@ def test_providers_and_engine_batch_belong_to_their_backends(cli_export: CliExpo
     assert "--backend trt" in _one_error_line(invoke([*base, "--engine-batch", "1:8:16"]))
     assert "onnxruntime-gpu" in _one_error_line(invoke([*base, "--providers", "CUDAExecutionProvider"]))
     assert "TensorRT engines only" in _one_error_line(invoke([*base, "--precision", "fp16"]))
+
+
+def test_build_for_jetson_writes_a_bundle_from_the_command_line(cli_export: CliExport, tmp_path: Path) -> None:
+    bundle = tmp_path / "orin"
+    result = invoke(["build", _ok(cli_export), "--target", "jetson", "--jetpack", "6.2", "--precision", "fp16",
+                     "--batch", "1:4:8", "-o", bundle])
+    assert result.exit_code == 0, result.output
+    assert "JetPack 6.2 on orin (TensorRT 10.3, fp16, plugins decomposed)" in result.output
+    assert (bundle / "build.sh").is_file() and (bundle / "bundle.json").is_file()
+    shown = invoke(["inspect", bundle])
+    assert shown.exit_code == 0, shown.output

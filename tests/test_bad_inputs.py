@@ -100,7 +100,7 @@ def test_an_unexpected_error_is_one_line_with_a_debug_hint(cli_export: CliExport
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import dync.describe
 
-    def broken(manifest: object) -> str:
+    def broken(*_args: object) -> str:
         raise KeyError("boom")
 
     monkeypatch.setattr(dync.describe, "format_description", broken)

@@ -60,8 +60,10 @@ class StageProfile:
                 "shapes": {name: [list(s) for s in self.shapes[name]] for name in sorted(self.shapes)}}
 
     def trtexec_shapes(self, which: int) -> str:
-        """`name:1x3x32x32,...` for trtexec's --minShapes (0), --optShapes (1) and --maxShapes (2)."""
-        return ",".join(f"{name}:{'x'.join(map(str, self.shapes[name][which]))}" for name in sorted(self.shapes))
+        """`name:1x3x32x32,...` for trtexec's --minShapes (0), --optShapes (1) and --maxShapes (2); a name with
+        a `:` or `,` in it is wrapped in single quotes, as trtexec's help says to."""
+        return ",".join(f"{_trtexec_name(name)}:{'x'.join(map(str, self.shapes[name][which]))}"
+                        for name in sorted(self.shapes))
 
 
 def reach_fractions(manifest: Manifest, calibration: CalibrationRecord | None) -> list[float]:
@@ -92,3 +94,7 @@ def _shape_range(spec: TensorSpec, batch: BatchRange
                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     per_sample = tuple(int(d) for d in spec.shape[1:])
     return (batch.min, *per_sample), (batch.opt, *per_sample), (batch.max, *per_sample)
+
+
+def _trtexec_name(name: str) -> str:
+    return f"'{name}'" if ":" in name or "," in name else name

@@ -134,3 +134,11 @@ def test_engines_built_by_tensorrt_match_onnxruntime(tiny: Path) -> None:
     got, want = dync.load(tiny, backend="trt").run(x), dync.load(tiny).run(x)
     np.testing.assert_array_equal(got.exit, want.exit)
     np.testing.assert_allclose(got.logits, want.logits, rtol=1e-3, atol=1e-3)
+
+
+def test_trtexec_shapes_quote_names_with_separators() -> None:
+    from dync.build.profiles import StageProfile
+
+    batch = BatchRange(1, 2, 4)
+    profile = StageProfile("stage0", batch, {"x": ((1, 3), (2, 3), (4, 3)), "t:0": ((1,), (2,), (4,))}, 1.0)
+    assert profile.trtexec_shapes(2) == "'t:0':4,x:4x3"

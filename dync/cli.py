@@ -314,25 +314,29 @@ def run(package: Path, input_path: Path, thresholds: list[float] | None, output:
               help="A .npy batch (or .npz by input name) to check with (default: random data).")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1),
               help="Batch size of the random check data.")
-@click.option("--rtol", type=float, help="Allowed error relative to the largest output (default 1e-4; quantized: "
-              "0.1 for int8, 0.25 for fp8).")
+@click.option("--rtol", type=float, help="Allowed error relative to the largest output (default 1e-4; 0.02 for "
+              "fp16, 0.1 for int8, 0.25 for fp8).")
 @click.option("--atol", default=1e-5, show_default=True, help="Allowed absolute error.")
 @click.option("--trust-pickle", is_flag=True,
               help="Load a pickled MODEL (torch.save): unpickling runs code from the file (also DYNC_TRUST_PICKLE=1).")
+@_backend_options
 @_precision_option
 def verify(package: Path, model: Path, input_path: Path | None, batch: int, rtol: float | None, atol: float,
-           trust_pickle: bool, precision: str | None) -> None:
+           trust_pickle: bool, backend: _BackendChoice, precision: str | None) -> None:
     """Check every exit path of PACKAGE against eager PyTorch; exit status 1 on mismatch."""
     require_export("dync verify")
-    import dync
     from dync.verify import verify as run_verify
 
     x = _load_inputs(input_path) if input_path else None
-    engine = dync.load(package, precision=precision)
+    engine = backend.load(package, precision)
     record = run_verify(engine, model, x=x, batch=batch, rtol=rtol, atol=atol, progress=_progress,
                         trust_pickle=trust_pickle)
-    within = "matches eager" if engine.precision == "fp32" else \
-        f"is within {record.rtol:g} x the largest output of eager float32 ({engine.precision}, not recorded)"
+    on = "" if engine.backend.name == "ort" else f" on {engine.backend.name}"
+    if engine.precision == "fp32" and not on:
+        within = "matches eager"
+    else:
+        within = (f"is within {record.rtol:g} x the largest output of eager float32 ({engine.precision}{on}, "
+                  "not recorded)")
     click.echo(f"verified {package}: every exit path {within} (worst abs error "
                f"{max(*record.max_abs_error, record.mixed_max_abs_error):.3g})")
 

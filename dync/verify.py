@@ -30,6 +30,7 @@ from dync.exporter.verification import (
 )
 from dync.package import write_manifest
 from dync.records import VerificationRecord
+from dync.runtime.backends import BACKEND_FORMS
 from dync.runtime.engine import Engine
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_RTOL", "verify"]
@@ -47,26 +48,34 @@ def verify(
     trust_pickle: bool = False,
 ) -> VerificationRecord:
     """Compare every exit path with eager; raise VerificationError on mismatch after recording the result (for
-    float32; a quantized engine is checked, not recorded). `rtol` None: 1e-4 for float32, `QUANTIZED_RTOL` for
-    int8 and fp8."""
+    float32 on onnxruntime, the package's own program; other precisions and backends are checked, not
+    recorded). `rtol` None: 1e-4 for float32, `LOW_PRECISION_RTOL` for fp16, int8 and fp8."""
     rtol = default_rtol(engine.precision) if rtol is None else rtol
-    if x is None and engine.precision != "fp32":
+    if x is None and engine.precision in ("int8", "fp8"):
         raise InputError(f"a {engine.precision} package is checked on data like what calibrated it (random data "
                          "falls outside its ranges and clips): pass --input with validation samples.")
     x = engine.example_input(batch) if x is None else x
     engine.check_input(x)
     if isinstance(model, (str, Path)):
         model = load_model(model, tuple(torch.from_numpy(a) for a in engine.input_feeds(x).values()), trust_pickle)
-    with dense_attention_copy(engine.package_dir, engine.precision) as checked:
+    form = BACKEND_FORMS[engine.backend.name]
+    with dense_attention_copy(engine.package_dir, engine.precision, form) as checked:
+        if checked != engine.package_dir and engine.backend.name != "ort":
+            raise InputError(f"package '{engine.manifest.name}' has block-sparse attention, which is verified with "
+                             "every block listed, on onnxruntime: run dync verify without --backend.")
         checking = engine if checked == engine.package_dir else Engine.load(checked, precision=engine.precision)
         result = check_package(checking, eval_mode(model), [x], rtol=rtol, atol=atol, progress=progress)
     result = dataclasses.replace(result, dense_attention=checked != engine.package_dir)
-    if record and engine.precision == "fp32":  # the record is of the float32 program; quantized is checked only
+    recorded = record and engine.precision == "fp32" and engine.backend.name == "ort"
+    if recorded:  # the record is of the package's float32 program; other precisions and backends are checked only
         engine.manifest.verification = bound_to_files(result, engine.manifest)
         write_manifest(engine.package_dir, engine.manifest)
     if not result.passed:
         if engine.precision == "fp32":
             raise disagreement(engine.manifest.name, result)
+        if engine.precision == "fp16":
+            raise disagreement(engine.manifest.name, result, "at fp16: build and run it at fp32 (dync build "
+                               "--precision fp32), or int8 with dync quantize's calibrated ranges")
         raise disagreement(engine.manifest.name, result, f"at {engine.precision}: quantize it again with more "
                            "representative data or another --method, or run it with --precision fp32")
     return result

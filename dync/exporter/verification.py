@@ -46,13 +46,14 @@ from dync.runtime.exit_rule import forcing_thresholds
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
-QUANTIZED_RTOL = {"int8": 0.1, "fp8": 0.25}
-"""What a quantized package's exit paths may differ from eager float32, relative to the largest output: int8
-and fp8 (3 mantissa bits) round every activation, and the errors of the stages before an exit add up."""
+LOW_PRECISION_RTOL = {"fp16": 0.02, "int8": 0.1, "fp8": 0.25}
+"""What exit paths at a lower precision may differ from eager float32, relative to the largest output: int8 and
+fp8 (3 mantissa bits) round every activation, fp16 (10) less, and the errors of the stages before an exit add
+up."""
 
 
 def default_rtol(precision: str) -> float:
-    return DEFAULT_RTOL if precision == "fp32" else QUANTIZED_RTOL[precision]
+    return DEFAULT_RTOL if precision == "fp32" else LOW_PRECISION_RTOL[precision]
 
 
 Progress = Callable[[str], None]
@@ -146,13 +147,13 @@ def bound_to_files(record: VerificationRecord, manifest: Manifest) -> Verificati
 
 
 @contextlib.contextmanager
-def dense_attention_copy(package: Path, precision: str = "fp32") -> Iterator[Path]:
+def dense_attention_copy(package: Path, precision: str = "fp32", form: str = "cpu") -> Iterator[Path]:
     """`package` itself, or, when a stage holds BlockSparseAttention, a temporary copy whose masks list every
-    block in float (`dense_equivalent`) in the stage graphs `precision` runs: what is checked against eager,
-    since the masks approximate it."""
+    block in float (`dense_equivalent`) in the stage graphs `precision` runs in `form`: what is checked against
+    eager, since the masks approximate it."""
     manifest = load_manifest(package)
     approximated = approximated_nodes((manifest.passes or {}).get("sparse_attention", []))
-    stages = at_precision(manifest, precision).stages
+    stages = at_precision(manifest, precision, form).stages
     models = {spec.onnx: onnx.load(package / spec.onnx) for spec in stages} if approximated else {}
     dense = {path: dense_equivalent(model, approximated) for path, model in models.items()}
     if all(dense[path] is models[path] for path in models):

@@ -225,3 +225,16 @@ def test_profile_and_latency_calibration_run_on_the_trt_backend(tiny: Path) -> N
     result = calibrate_package(engine, _batch(32, seed=5), BudgetRequest(metric="latency", budget=0.6, batch_size=4))
     assert len(result.chosen.thresholds) == engine.num_exits - 1
     assert dync.load(tiny).manifest.thresholds is not None
+
+
+def test_verify_checks_the_trt_backend_against_eager_without_recording(cli_export: CliExport, tiny: Path) -> None:
+    """On TensorRT, `dync verify --backend trt` checks the engines against eager PyTorch; the package's
+    verification record stays the one of its onnxruntime float32 program."""
+    from dync.verify import verify
+
+    before = (tiny / "manifest.json").read_text()
+    for precision in ("fp32", "fp16"):
+        engine = dync.load(tiny, backend="trt", precision=precision, toolchain=OnnxruntimeStandIn().toolchain)
+        record = verify(engine, cli_export.model)
+        assert record.passed and record.rtol == (1e-4 if precision == "fp32" else 0.02)
+    assert (tiny / "manifest.json").read_text() == before

@@ -14,7 +14,7 @@ import pytest
 
 import dync
 from dync.bench import bench
-from dync.build import EngineOptions, StagePlan, build_engines, plan_engines
+from dync.build import EngineOptions, StagePlan, build_engines, format_builds, plan_engines
 from dync.build.cache import ENGINE_FILE, RECORD_FILE, EngineCache
 from dync.build.keys import Gpu
 from dync.build.profiles import BatchRange
@@ -89,6 +89,9 @@ def test_engines_are_cached_with_their_build_records(tiny: Path) -> None:
     first = OnnxruntimeStandIn()
     done = build_engines(tiny, EngineOptions(), progress=lambda _m: None, toolchain=first.toolchain)
     assert [source for _, source in done] == ["built"] * len(done)
+    table = format_builds(done).splitlines()
+    assert len(table) == 2 + len(done) and all(f"| {r.key.stage} | {r.digest} | fp32 |" in row
+                                                 for (r, _), row in zip(done, table[2:], strict=True))
     for record, _ in done:
         directory = tiny / "engines" / record.digest
         plan = (directory / ENGINE_FILE).read_bytes()

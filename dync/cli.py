@@ -534,7 +534,7 @@ def _write_jetson_bundle(package: Path, output: Path | None, jetpack: str | None
 
     record = write_bundle(package, output, jetpack=jetpack, device=device, precision=precision, batch=batch,
                           progress=_progress)
-    click.echo(f"wrote {output}: {len(record.stages)} stages for JetPack {record.jetpack} on {record.device} "
+    click.echo(f"wrote {output}: {len(record.stages)} stage(s) for JetPack {record.jetpack} on {record.device} "
                f"(TensorRT {record.tensorrt}, {record.precision}, plugins {record.plugins}); copy it to the device "
                "and run bash build.sh there")
 

@@ -388,6 +388,13 @@ def file_record(path: Path) -> FileRecord:
     return FileRecord(bytes=path.stat().st_size, sha256=digest.hexdigest())
 
 
+def file_sha256(package_dir: Path, manifest: Manifest, relative: str) -> str:
+    """The SHA-256 of a package file: the one `load_manifest` checked it against, read again only for files a
+    package written before file records does not list."""
+    recorded = manifest.files.get(relative)
+    return recorded.sha256 if recorded is not None else file_record(Path(package_dir) / relative).sha256
+
+
 def program_files(package_dir: Path, manifest: Manifest) -> dict[str, FileRecord]:
     """The records of every file the program runs: stage graphs and criterion graphs."""
     paths = {s.onnx for s in manifest.stages}

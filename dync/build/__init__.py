@@ -26,7 +26,7 @@ from dync.build.keys import EngineKey, Gpu, engine_key
 from dync.build.profiles import DEFAULT_BATCH, BatchRange, StageProfile, stage_profiles
 from dync.build.targets import TensorRTVersion, check_precision_on_gpu, plugin_mode
 from dync.build.tensorrt import POLYGRAPHY_TENSORRT, Toolchain
-from dync.package import Manifest, at_precision, file_record, load_manifest, write_atomically
+from dync.package import Manifest, at_precision, file_sha256, load_manifest, write_atomically
 from dync.records import CalibrationRecord
 
 BUILD_DEFAULTS = "defaults.json"
@@ -83,9 +83,8 @@ def plan_engines(package_dir: Path, options: EngineOptions, tensorrt: TensorRTVe
     manifest, calibration = tensorrt_manifest(package_dir, options.precision)
     plans = []
     for stage, profile in zip(manifest.stages, stage_profiles(manifest, options.batch, calibration), strict=True):
-        path = Path(package_dir) / stage.onnx
-        plans.append(_plan(stage.name, onnx.load(path), file_record(path).sha256, profile, mode, options,
-                           tensorrt, gpu))
+        plans.append(_plan(stage.name, onnx.load(Path(package_dir) / stage.onnx),
+                           file_sha256(package_dir, manifest, stage.onnx), profile, mode, options, tensorrt, gpu))
     return manifest, plans
 
 

@@ -51,7 +51,15 @@ from dync.build.targets import JetPack, plugin_mode
 from dync.build.targets import jetpack as jetpack_release
 from dync.errors import ExportError
 from dync.extras import require
-from dync.package import MANIFEST_FILE, Manifest, StageSpec, file_record, load_manifest, write_atomically
+from dync.package import (
+    MANIFEST_FILE,
+    Manifest,
+    StageSpec,
+    file_record,
+    file_sha256,
+    load_manifest,
+    write_atomically,
+)
 from dync.plugins.op_registry import DOMAIN
 from dync.records import to_json
 from dync.version import __version__
@@ -116,7 +124,7 @@ def write_bundle(package_dir: Path, output: Path, *, jetpack: str, device: str, 
     profiles = stage_profiles(manifest, batch, calibration)
     progress(f"bundle for JetPack {release.version} (TensorRT {release.tensorrt}) on Jetson {device.capitalize()}: "
              f"{len(manifest.stages)} stage(s) at {precision}, batch {batch}, plugins {mode}")
-    builds = [_stage_build(package_dir, stage, profile, mode, precision)
+    builds = [_stage_build(package_dir, manifest, stage, profile, mode, precision)
               for stage, profile in zip(manifest.stages, profiles, strict=True)]
     with _staging(output) as staged:
         _copy_package(package_dir, staged, progress)
@@ -196,12 +204,11 @@ def program_paths(manifest: Manifest) -> set[str]:
     return paths
 
 
-def _stage_build(package_dir: Path, stage: StageSpec, profile: StageProfile, mode: str, precision: str
-                 ) -> StageBuild:
-    path = package_dir / stage.onnx
-    model = onnx.load(path)
+def _stage_build(package_dir: Path, manifest: Manifest, stage: StageSpec, profile: StageProfile, mode: str,
+                 precision: str) -> StageBuild:
+    model = onnx.load(package_dir / stage.onnx)
     return StageBuild(stage, stage_for_tensorrt(model, plugins=mode, precision=precision), profile,
-                      plugins_kept(model, mode), file_record(path).sha256)
+                      plugins_kept(model, mode), file_sha256(package_dir, manifest, stage.onnx))
 
 
 def _write_stage_form(staged: Path, build: StageBuild, progress: Callable[[str], None]) -> BundleStage:
@@ -264,16 +271,10 @@ def reference_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> d
     """onnxruntime's outputs of a TensorRT-form stage: kept plugin nodes run as their decomposition; graph
     optimizations off, since onnxruntime's Q/DQ fusions compute fp8 wrongly, and one thread, so that the numbers
     are the graph's own and reproducible."""
-    import onnxruntime as ort
+    from dync.plugins.splice import decompose_custom_nodes
+    from dync.runtime.backends.ort import OrtSettings, session_from_onnx
 
-    from dync.plugins.splice import custom_nodes, decompose_custom_nodes
-
-    if custom_nodes(model):
-        model = decompose_custom_nodes(model)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = session_from_onnx(decompose_custom_nodes(model), OrtSettings(threads=1, optimization="disable"))
     names = [output.name for output in session.get_outputs()]
     return dict(zip(names, session.run(names, {i.name: feeds[i.name] for i in session.get_inputs()}), strict=True))
 

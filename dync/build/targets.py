@@ -60,11 +60,22 @@ class TensorRTVersion:
         return self.text
 
 
+def check_build_precision(precision: str | None) -> None:
+    """A precision an engine can be built in (None: the package's own, resolved later)."""
+    if precision is not None and precision not in BUILD_PRECISIONS:
+        raise InputError(f"precision '{precision}' is unknown; choose one of {', '.join(BUILD_PRECISIONS)}.")
+
+
+def check_plugin_mode(requested: str | None) -> None:
+    """A plugin mode a build knows (None: chosen by the TensorRT version)."""
+    if requested is not None and requested not in PLUGIN_MODES:
+        raise InputError(f"plugin mode '{requested}' is unknown; choose one of {', '.join(PLUGIN_MODES)}.")
+
+
 def plugin_mode(version: TensorRTVersion, requested: str | None) -> str:
     """The plugin mode a build for `version` uses: as requested, or aot where the version has AOT plugins.
     Asking for aot on an older TensorRT is refused, since its parser would find no plugin for the nodes."""
-    if requested is not None and requested not in PLUGIN_MODES:
-        raise InputError(f"plugin mode '{requested}' is unknown; choose one of {', '.join(PLUGIN_MODES)}.")
+    check_plugin_mode(requested)
     if requested == "aot" and not version.has_aot_plugins:
         raise InputError(f"TensorRT {version} has no tensorrt.plugin AOT implementations (10.9 or later); build "
                          "with --plugins decomposed, which runs dync's ops as standard ONNX.")
@@ -73,8 +84,7 @@ def plugin_mode(version: TensorRTVersion, requested: str | None) -> str:
 
 def check_precision_on_gpu(precision: str, compute_capability: tuple[int, int], gpu: str) -> None:
     """fp8 engines need FP8 tensor cores; TensorRT would otherwise fail late, deep inside the build."""
-    if precision not in BUILD_PRECISIONS:
-        raise InputError(f"precision '{precision}' is unknown; choose one of {', '.join(BUILD_PRECISIONS)}.")
+    check_build_precision(precision)
     if precision == "fp8" and compute_capability < FP8_SINCE_CAPABILITY:
         major, minor = compute_capability
         raise InputError(f"{gpu} (compute capability {major}.{minor}) has no FP8 tensor cores (8.9 or later: "

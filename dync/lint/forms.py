@@ -16,6 +16,7 @@ from onnx_graphsurgeon.util.exception import OnnxGraphSurgeonException
 
 from dync.build.forms import plugins_kept, stage_for_tensorrt
 from dync.errors import LintError
+from dync.layers import WEIGHTED_OPS
 from dync.lint.report import FP32_LAYERS, NOTE, PLUGINS_DECOMPOSED, Finding, subject
 from dync.lint.rules import NodeContext
 from dync.lint.target import LintTarget
@@ -99,10 +100,6 @@ def plugins_decomposed_note(model: onnx.ModelProto, target: LintTarget, stage: s
     )]
 
 
-HEAVY_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-"""The ops whose precision decides an engine's speed."""
-
-
 def fp32_layers_note(nodes: list[NodeContext], target: LintTarget) -> list[Finding]:
     """At fp16, the heavy layers that still read float32 after the conversion (decision layers, kept float32 so
     that exits decide as in float32), once per stage at the first of them: a strongly typed network runs each
@@ -113,7 +110,7 @@ def fp32_layers_note(nodes: list[NodeContext], target: LintTarget) -> list[Findi
         return []
     by_stage: dict[str, list[NodeContext]] = {}
     for ctx in nodes:
-        if ctx.op in HEAVY_OPS and ctx.node.input and ctx.scope.types.get(ctx.node.input[0]) == TensorProto.FLOAT:
+        if ctx.op in WEIGHTED_OPS and ctx.node.input and ctx.scope.types.get(ctx.node.input[0]) == TensorProto.FLOAT:
             by_stage.setdefault(ctx.stage, []).append(ctx)
     notes = []
     for ctxs in by_stage.values():

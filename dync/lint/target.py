@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dync.build.targets import BUILD_PRECISIONS, MIN_TENSORRT, PLUGIN_MODES, TensorRTVersion, plugin_mode
-from dync.errors import InputError
+from dync.build.targets import MIN_TENSORRT, TensorRTVersion, check_build_precision, check_plugin_mode, plugin_mode
 
 
 @dataclass(frozen=True)
@@ -34,10 +33,8 @@ def lint_target(tensorrt_version: str | None = None, precision: str | None = Non
                 plugins: str | None = None) -> LintTarget:
     """The target as `dync build` would resolve it; an unknown precision or plugin mode, a version string that
     is not one, or aot plugins asked of a TensorRT without them is an InputError, as it is for the build."""
-    if precision is not None and precision not in BUILD_PRECISIONS:
-        raise InputError(f"precision '{precision}' is unknown; choose one of {', '.join(BUILD_PRECISIONS)}.")
-    if plugins is not None and plugins not in PLUGIN_MODES:
-        raise InputError(f"plugin mode '{plugins}' is unknown; choose one of {', '.join(PLUGIN_MODES)}.")
+    check_build_precision(precision)
+    check_plugin_mode(plugins)
     if tensorrt_version is None:
         return LintTarget(None, precision, plugins or "aot")
     version = TensorRTVersion.parse(tensorrt_version)

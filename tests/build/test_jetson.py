@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 import dync
@@ -23,9 +22,9 @@ from dync.build.jetson import REFERENCE_RUNNER, TOLERANCES, write_bundle
 from dync.build.profiles import BatchRange, stage_profiles
 from dync.calib.quantize import QuantizeRequest, quantize_package
 from dync.errors import DyncError, ExportError, InputError, InstallError
+from dync.exporter.verification import run_decomposed
 from dync.package import MANIFEST_FILE, file_record, load_manifest
 from dync.plugins.op_registry import DOMAIN
-from dync.plugins.splice import decompose_custom_nodes
 from tests.conftest import CliExport, invoke
 from tests.helpers import copy_package
 
@@ -99,13 +98,6 @@ def dync_nodes(graph: onnx.GraphProto) -> list[str]:
                 found += dync_nodes(attribute.g)
             found += [op for g in attribute.graphs for op in dync_nodes(g)]
     return found
-
-
-def onnxruntime_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(decompose_custom_nodes(model).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds), strict=True))
 
 
 def assert_one_line(error: pytest.ExceptionInfo[DyncError]) -> None:
@@ -204,11 +196,11 @@ def test_the_verify_data_loads_with_polygraphy_and_is_onnxruntime_on_the_tensorr
         (runner, iterations), = results.items()
         assert runner == REFERENCE_RUNNER and len(iterations) == 1
         saved = dict(iterations[0].items())
-        expected = onnxruntime_outputs(onnx.load(out / entry.onnx), feeds)
+        expected = run_decomposed(onnx.load(out / entry.onnx), feeds)
         assert sorted(saved) == sorted(expected)
         for name in expected:
             np.testing.assert_allclose(np.asarray(saved[name]), expected[name], rtol=1e-5, atol=1e-5)
-        computed.update(onnxruntime_outputs(onnx.load(tiny / stage.onnx), feeds))
+        computed.update(run_decomposed(onnx.load(tiny / stage.onnx), feeds))
 
 
 def test_the_readme_gives_the_device_steps(tiny_bundle: tuple[Path, BundleRecord]) -> None:
@@ -247,7 +239,7 @@ def test_jetpack_7_2_keeps_plugin_nodes_and_builds_them_with_dync_build(plugins_
     assert 'pip install "dync[trt,gpu]"' in script
     feeds = load_json(str(out / "verify" / f"{entry.stage}.inputs.json"))[0]
     (_, iterations), = RunResults.load(str(out / "verify" / f"{entry.stage}.outputs.json")).items()
-    for name, value in onnxruntime_outputs(model, feeds).items():
+    for name, value in run_decomposed(model, feeds).items():
         np.testing.assert_allclose(np.asarray(iterations[0][name]), value, rtol=1e-5, atol=1e-5)
 
 
